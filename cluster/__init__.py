@@ -1,0 +1,1 @@
+"""cluster: config, the Serve app builder, the CLI, the local launcher, autoscaling and status."""

@@ -1,0 +1,38 @@
+"""EngineConfig: every knob of one replica's engine, as one typed model."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Path to a Hugging Face model directory (safetensors + config + tokenizer).")
+    model_id: str | None = Field(None, description="Name served on the API; defaults to the directory name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tp_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16, description="Context limit; defaults to the model's.")
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=2, description="KV pool size in blocks; overrides the fraction.")
+    kv_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU: share of free memory for KV.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU: KV pool size when num_kv_blocks is unset.")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per engine step.")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(False, description="GPU: disable CUDA graphs.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be >= block_size")
+        return self
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        return self.model.rstrip("/").split("/")[-1]
