@@ -9,6 +9,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replicas.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,33 @@ def is_prepared(out_dir: Path) -> bool:
 
 
 def prepare_embedded_model(cache_dir: Path | None = None, force: bool = False) -> Path:
-    """Return the safetensors directory of the embedded model, converting it on first use."""
+    """Return the safetensors directory of the embedded model, converting it on first use.
+
+    A file lock makes concurrent callers (the ingress and replicas starting together on one node)
+    convert once; the others wait and then hit the cache."""
+    import fcntl
+
     out_dir = (cache_dir or default_cache_dir()) / EMBEDDED_MODEL
     if is_prepared(out_dir) and not force:
         log.info("model cache hit: %s", out_dir)
         return out_dir
-    gguf = embedded_gguf_path()
-    convert_gguf(gguf, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{EMBEDDED_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_prepared(out_dir) and not force:
+            return out_dir
+        convert_gguf(embedded_gguf_path(), out_dir)
     return out_dir
+
+
+def resolve_engine_config(cfg: "EngineConfig") -> "EngineConfig":
+    """The engine config with `model` turned into a local directory (preparing the embedded model)."""
+    if cfg.model != "embedded":
+        if not Path(cfg.model).is_dir():
+            raise FileNotFoundError(f"engine.model: {cfg.model} is not a model directory")
+        return cfg
+    return cfg.model_copy(update={"model": str(prepare_embedded_model()),
+                                  "model_id": cfg.model_id or EMBEDDED_MODEL})
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

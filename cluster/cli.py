@@ -1,0 +1,65 @@
+"""The `llm-cluster` command: serve (the local launcher), prepare-model, status."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from cluster.config import ConfigError, load_config
+
+# Shortcut flags: flag -> dotted config key. Anything else goes through --set section.field=value.
+SHORTCUTS = {
+    "model": "engine.model", "tp_size": "engine.tp_size", "host": "router.host", "port": "router.port",
+    "policy": "router.policy", "replicas": "replicas.num_replicas", "redis_url": "redis_url",
+    "max_model_len": "engine.max_model_len", "block_size": "engine.block_size",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field (repeatable)")
+    for flag, key in SHORTCUTS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, help=f"same as --set {key}=...")
+
+
+def _load(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_serve = sub.add_parser("serve", help="start Ray, Redis and the OpenAI endpoint; Ctrl-C stops all")
+    _config_args(p_serve)
+    p_prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors (once)")
+    p_prep.add_argument("--force", action="store_true")
+    p_status = sub.add_parser("status", help="replicas, health, queues, Redis, autoscaler")
+    p_status.add_argument("--address", default="auto", help="Ray address of the running cluster")
+    p_status.add_argument("--json", action="store_true")
+    p_status.add_argument("--app", default="llm-cluster")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.cmd == "serve":
+            from cluster.launcher import serve_forever
+            serve_forever(_load(args))
+        elif args.cmd == "prepare-model":
+            from cluster.model_prep import prepare_embedded_model
+            print(prepare_embedded_model(force=args.force))
+        elif args.cmd == "status":
+            from cluster.status import collect_status, render_table
+            report = collect_status(address=args.address, app_name=args.app)
+            print(json.dumps(report, indent=2, default=str) if args.json else render_table(report))
+    except ConfigError as e:
+        print(f"llm-cluster: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The local launcher: one command brings up Ray, an embedded Redis (unless REDIS_URL is set) and the
+Serve app on host:port, and Ctrl-C (or SIGTERM) takes all of it down again."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Iterator
+
+from cluster.config import ClusterConfig
+
+log = logging.getLogger("llm_cluster")
+
+
+@contextlib.contextmanager
+def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_address: str | None = None,
+                    dashboard: bool = True) -> Iterator[ClusterConfig]:
+    """Start everything for `cfg`, yield the effective config (with redis_url filled in), stop on exit."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app_from_config
+    from cluster.model_prep import resolve_engine_config
+
+    with contextlib.ExitStack() as stack:
+        # Prepare the model here, with a progress bar the user sees, not silently inside a replica.
+        cfg = cfg.model_copy(update={"engine": resolve_engine_config(cfg.engine)})
+        if not cfg.redis_url:
+            from cluster.redis_server import EmbeddedRedis
+            redis = stack.enter_context(EmbeddedRedis())
+            cfg = cfg.model_copy(update={"redis_url": redis.url})
+            log.info("embedded Redis on %s", redis.url)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=ray_address, num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+            stack.callback(ray.shutdown)
+        serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})
+        stack.callback(serve.shutdown)
+        serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+        yield cfg
+
+
+def _logical_cpus(cfg: ClusterConfig) -> int:
+    # Replicas reserve CPUs logically; on a small box let several replicas share the cores.
+    want = cfg.replicas.num_cpus * cfg.engine.tp_size * max(cfg.replicas.num_replicas, cfg.autoscaling.max_replicas)
+    return max(os.cpu_count() or 1, int(want) + 2)
+
+
+def serve_forever(cfg: ClusterConfig) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with running_cluster(cfg) as live:
+        base = f"http://{live.router.host}:{live.router.port}"
+        auth = ' -H "Authorization: Bearer $LLM_CLUSTER_API_KEY"' if live.router.api_keys else ""
+        print(f"\nllm-cluster is serving {live.engine.served_model_id} on {base}  (Ctrl-C stops everything)\n"
+              f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+              f"    -d '{{\"model\": \"{live.engine.served_model_id}\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n", flush=True)
+        stop.wait()
+        print("shutting down ...", flush=True)
