@@ -21,7 +21,7 @@ def extra_key(model_id: str, cache_salt: str | None = None) -> bytes:
 
 def hash_block(parent_hash: int, token_ids: Sequence[int], extra: bytes = b"") -> int:
     h = xxhash.xxh3_64()
-    h.update(parent_hash.to_bytes(8, "little"))
+    h.update(parent_hash.to_bytes(8, "little", signed=True))  # hashes are signed int64
     h.update(array("q", token_ids).tobytes())
     h.update(extra)
     # Signed 64-bit so the value fits int64 columns and Redis/pydantic round-trips unchanged.
