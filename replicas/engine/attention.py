@@ -1,0 +1,100 @@
+"""Attention over the paged KV cache: per-step metadata and the one attention function every layer calls.
+
+The batch is packed as [decode tokens (one per sequence) | prefill chunks]. K/V of every scheduled token
+are written into their cache slots first, then attention reads the cache, so a chunk attends to its cached
+prefix (including blocks another sequence of the same step just wrote). This CPU path gathers each
+sequence's pages and calls SDPA; a GPU kernel reading pages in place can replace `paged_attention` alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first row of this chunk in the packed batch
+    end: int
+    # Cache slots of the whole context [0, context_len) and the causal mask of the chunk against it;
+    # None when the chunk is the whole context (no cached prefix): attend to the fresh k/v directly.
+    context_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of every packed token
+    num_decodes: int = 0
+    decode_slots: torch.Tensor | None = None  # [D, L] slots of each decoding sequence's context (padded)
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] True where the slot is part of the context
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
+              device: torch.device) -> "AttentionMetadata":
+        """Sequences given decodes first: row i computes tokens [starts[i], starts[i]+lengths[i])."""
+        num_decodes = 0
+        while num_decodes < len(lengths) and lengths[num_decodes] == 1:
+            num_decodes += 1
+        slots, prefills = [], []
+        row = num_decodes
+        decode_slots = decode_mask = None
+        if num_decodes:
+            ctx = torch.tensor([s + 1 for s in starts[:num_decodes]])
+            width = max(len(bt) for bt in block_tables[:num_decodes])
+            table = torch.zeros(num_decodes, width, dtype=torch.long)  # padding points at block 0, masked off
+            for i, bt in enumerate(block_tables[:num_decodes]):
+                table[i, :len(bt)] = torch.tensor(bt)
+            pos = torch.arange(int(ctx.max()))
+            decode_slots = table[:, pos // block_size] * block_size + pos % block_size
+            decode_mask = (pos < ctx.unsqueeze(1)).view(num_decodes, 1, 1, -1)
+            slots.append(decode_slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
+        for bt, start, n in zip(block_tables[num_decodes:], starts[num_decodes:], lengths[num_decodes:]):
+            pos = torch.arange(start + n)
+            ctx_slots = torch.tensor(bt)[pos // block_size] * block_size + pos % block_size
+            slots.append(ctx_slots[start:])
+            span = PrefillSpan(row, row + n)
+            if start:
+                span.context_slots = ctx_slots.to(device)
+                q_pos = torch.arange(start, start + n).unsqueeze(1)
+                span.mask = (pos.unsqueeze(0) <= q_pos).to(device)
+            prefills.append(span)
+            row += n
+        return cls(slot_mapping=torch.cat(slots).to(device), num_decodes=num_decodes,
+                   decode_slots=None if decode_slots is None else decode_slots.to(device),
+                   decode_mask=None if decode_mask is None else decode_mask.to(device), prefills=prefills)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D] into caches shaped [num_blocks, block_size, KVH, D]."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]."""
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    kf, vf = k_cache.view(-1, *k.shape[1:]), v_cache.view(-1, *v.shape[1:])
+    out = torch.empty_like(q)
+    d = meta.num_decodes
+    if d:
+        # [D, L, KVH, Dh] -> [D, KVH, L, Dh]
+        kc = kf[meta.decode_slots].transpose(1, 2)
+        vc = vf[meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask,
+                                           scale=scale, enable_gqa=True)
+        out[:d] = o.squeeze(2)
+    for span in meta.prefills:
+        qs = q[span.start:span.end].transpose(0, 1)  # [H, n, Dh]
+        if span.context_slots is None:
+            ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ks, vs = kf[span.context_slots].transpose(0, 1), vf[span.context_slots].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
+        out[span.start:span.end] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,281 @@
+"""LLMEngine: the synchronous step loop of one replica — validate and admit requests, schedule, run the
+model, sample, detokenize, apply stop conditions, and stream GenerationChunks out.
+
+A request fans out into n Sequences (choices) that share the prompt's blocks through the prefix cache.
+Failover resume tokens are appended to each choice as already generated output and replayed through
+the detokenizer and stop checker, so streamed text continues exactly where the previous replica left off.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+from pydantic import BaseModel
+from transformers import AutoTokenizer
+
+from kvstore.hashing import extra_key
+from replicas.engine.block_manager import BlockManager
+from replicas.engine.config import EngineConfig
+from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
+from replicas.engine.model_runner import ModelRunner
+from replicas.engine.models import ModelArgs, TPInfo
+from replicas.engine.sampler import Sampler, SamplingBatch
+from replicas.engine.scheduler import Scheduler
+from replicas.engine.sequence import Sequence
+from replicas.protocol import EngineError, GenerationChunk, GenerationRequest, TokenLogprob, Usage
+
+log = logging.getLogger(__name__)
+
+BlockHook = Callable[[list[int]], None]
+
+
+class EngineStats(BaseModel):
+    num_waiting: int
+    num_running: int
+    pending_prefill_tokens: int
+    kv_blocks_total: int
+    kv_blocks_free: int  # includes cached blocks no sequence uses (evictable)
+    kv_usage: float
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+    steps: int
+    last_step_unix: float | None
+
+
+@dataclass
+class _Choice:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    done: bool = False
+
+
+@dataclass
+class _Request:
+    req: GenerationRequest
+    choices: list[_Choice]
+    unfinished: int
+
+    def usage(self) -> Usage:
+        # completion_tokens includes failover resume tokens: the client received them as output.
+        return Usage(prompt_tokens=len(self.req.prompt_token_ids),
+                     completion_tokens=sum(c.seq.num_output_tokens for c in self.choices),
+                     cached_prompt_tokens=max(0, self.choices[0].seq.num_cached_tokens))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, on_blocks_stored: BlockHook | None = None,
+                 on_blocks_evicted: BlockHook | None = None, tp_group=None):
+        self.config = config
+        model_dir = Path(config.model)
+        args = ModelArgs.from_dir(model_dir)
+        if tp_group is not None:
+            tp = TPInfo(dist.get_rank(tp_group), dist.get_world_size(tp_group), tp_group)
+        elif config.tp_size > 1:
+            raise ValueError(f"tp_size={config.tp_size} needs a tp_group (torch.distributed process group)")
+        else:
+            tp = TPInfo()
+        if config.max_model_len and config.max_model_len > args.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                             f"{args.max_position_embeddings} positions")
+        self.max_model_len = config.max_model_len or args.max_position_embeddings
+        self.model_id = config.served_model_id
+        self.block_size = config.block_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.vocab_size = args.vocab_size
+        self.eos_token_ids = _eos_ids(model_dir, args, self.tokenizer)
+        self.runner = ModelRunner(config, args, tp)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching,
+                                          extra_key=extra_key(self.model_id))
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.on_blocks_stored = on_blocks_stored
+        self.on_blocks_evicted = on_blocks_evicted
+        self.requests: dict[str, _Request] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+        self.num_steps = 0
+        self.last_step_unix: float | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self._validate(req)
+        sp = req.sampling
+        prompt = req.prompt_token_ids
+        hashes = req.block_hashes if req.block_hashes and len(req.block_hashes) == len(prompt) // self.block_size \
+            else []
+        choices = []
+        arrival = None
+        for i in range(sp.n):
+            resume = req.resume_token_ids[i] if req.resume_token_ids else []
+            seq = Sequence(req.request_id, i, prompt, sp, priority=req.priority, output_token_ids=resume,
+                           prompt_block_hashes=hashes, arrival=arrival)
+            arrival = seq.arrival  # choices of one request arrive together
+            detok = IncrementalDetokenizer(self.tokenizer, prompt)
+            stop = StopChecker(sp.stop, sp.include_stop_str_in_output)
+            if resume:  # replay what the client already has, so held-back text and stop prefixes carry over
+                stop.push(detok.append(resume))
+            choices.append(_Choice(seq, detok, stop))
+        self.requests[req.request_id] = _Request(req, choices, sp.n)
+        for c in choices:
+            self.scheduler.add(c.seq)
+
+    def _validate(self, req: GenerationRequest) -> None:
+        if req.request_id in self.requests:
+            raise EngineError(f"request id {req.request_id!r} is already running")
+        sp = req.sampling
+        ids = req.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(ids) + sp.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) = {total} exceeds "
+                              f"the model's context length {self.max_model_len}")
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise EngineError(f"prompt + max_tokens = {total} tokens needs more KV blocks than this replica has "
+                              f"({self.block_manager.num_blocks} x {self.block_size} tokens)")
+        for resume in req.resume_token_ids or []:
+            if len(resume) >= sp.max_tokens:
+                raise EngineError("resume_token_ids already reach max_tokens: nothing left to generate")
+            if resume and (min(resume) < 0 or max(resume) >= self.vocab_size):
+                raise EngineError(f"resume token ids must be in [0, {self.vocab_size})")
+
+    def abort_request(self, request_id: str) -> list[GenerationChunk]:
+        """Stop a request and free its blocks now. Returns its closing chunks (finish_reason "abort",
+        usage on the last); empty when the request is unknown or already finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return []
+        for c in state.choices:
+            self.scheduler.finish(c.seq)
+        open_choices = [c for c in state.choices if not c.done]
+        chunks = [GenerationChunk(request_id=request_id, index=c.seq.index, finish_reason="abort")
+                  for c in open_choices]
+        chunks[-1].usage = state.usage()
+        return chunks
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        """Drop a request after an error, forgetting any cache entries it wrote (they may be garbage)."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        for c in state.choices:
+            self.scheduler.finish(c.seq, uncache=True)
+        self.failures.append((request_id, exc))
+
+    def take_failures(self) -> list[tuple[str, BaseException]]:
+        """Requests that failed since the last call (they produce no more chunks)."""
+        out, self.failures = self.failures, []
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[GenerationChunk]:
+        batch = self.scheduler.schedule()
+        chunks: list[GenerationChunk] = []
+        if batch:
+            self.num_steps += 1
+            self.last_step_unix = time.time()
+            try:
+                seqs, logits = self.runner.run(batch.seqs, batch.num_tokens)
+                for seq, n in zip(batch.seqs, batch.num_tokens):
+                    seq.num_computed_tokens += n
+                if seqs:
+                    rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
+                    out = self.sampler(logits, SamplingBatch.build(rows, logits.device))
+            except Exception as exc:  # the whole batch's requests fail; the engine keeps serving
+                log.exception("engine step failed; failing %d sequences", len(batch.seqs))
+                for rid in {s.request_id for s in batch.seqs}:
+                    self._fail(rid, exc)
+                seqs = []
+            if seqs:
+                chunks = self._postprocess(seqs, out.token_ids, out.logprobs)
+        self._publish_block_events()
+        return chunks
+
+    def _postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs) -> list[GenerationChunk]:
+        chunks = []
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            state = self.requests[seq.request_id]
+            try:
+                chunk = self._append_token(state, state.choices[seq.index], tok,
+                                           logprobs[i] if logprobs else None)
+            except Exception as exc:
+                log.exception("request %s failed while appending a token", seq.request_id)
+                self._fail(seq.request_id, exc)
+                continue
+            chunks.append(chunk)
+            if chunk.finish_reason is not None:
+                self.scheduler.finish(seq)
+                state.unfinished -= 1
+                if state.unfinished == 0:
+                    del self.requests[seq.request_id]
+                    chunk.usage = state.usage()
+        return chunks
+
+    def _append_token(self, state: _Request, choice: _Choice, tok: int, lp) -> GenerationChunk:
+        seq, sp = choice.seq, state.req.sampling
+        seq.token_ids.append(tok)
+        finish = None
+        if tok in sp.stop_token_ids or (tok in self.eos_token_ids and not sp.ignore_eos):
+            finish, text = "stop", ""  # the stop token's own text is not output
+        else:
+            text = choice.stop.push(choice.detok.append([tok]))
+            if choice.stop.stopped:
+                finish = "stop"
+            elif seq.num_output_tokens >= sp.max_tokens:
+                finish = "length"
+        if finish is not None and not choice.stop.stopped:
+            text += choice.stop.push(choice.detok.flush())
+            text += choice.stop.flush()
+        choice.done = finish is not None
+        chunk = GenerationChunk(request_id=seq.request_id, index=seq.index, text=text, token_ids=[tok],
+                                finish_reason=finish)
+        if lp is not None:
+            ids = [tok] + [t for t, _ in lp.top]
+            texts = token_texts(self.tokenizer, ids)
+            chunk.logprobs = [TokenLogprob(token_id=tok, token=texts[0], logprob=lp.logprob,
+                                           top=[(t, s, v) for (t, v), s in zip(lp.top, texts[1:])])]
+        return chunk
+
+    def _publish_block_events(self) -> None:
+        stored, evicted = self.block_manager.drain_events()
+        for hook, hashes in ((self.on_blocks_evicted, evicted), (self.on_blocks_stored, stored)):
+            if hook is not None and hashes:
+                try:
+                    hook(hashes)
+                except Exception:  # a subscriber's bug must not stop serving
+                    log.exception("block event hook failed")
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(
+            num_waiting=len(sch.waiting), num_running=len(sch.running),
+            pending_prefill_tokens=sch.pending_prefill_tokens(), kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks, kv_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+            prefix_query_tokens=bm.prefix_query_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
+            num_preemptions=sch.num_preemptions, steps=self.num_steps, last_step_unix=self.last_step_unix)
+
+
+def _eos_ids(model_dir: Path, args: ModelArgs, tokenizer) -> frozenset[int]:
+    ids = set(args.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

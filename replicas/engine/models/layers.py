@@ -1,0 +1,228 @@
+"""Tensor-parallel building blocks shared by every model: parallel linears, vocab-parallel embedding and
+LM head, RMSNorm, rotary embedding.
+
+Each parameter carries a `weight_loader(param, tensor_slice, shard_id=None)` that reads only this rank's
+part of a checkpoint tensor from a safetensors slice (`safe_open(...).get_slice(name)`), so a rank never
+materialises the full weight. With tp.size == 1 every layer is a plain dense layer and no collective runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TPInfo:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed ProcessGroup; None with size 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _divide(a: int, b: int) -> int:
+    if a % b:
+        raise ValueError(f"{a} is not divisible by tensor-parallel size {b}")
+    return a // b
+
+
+def _read(sl, dim: int, start: int, size: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) [start, start+size) of a safetensors slice (or a tensor)."""
+    if dim == 0:
+        return sl[start:start + size]
+    return sl[:, start:start + size]
+
+
+def _shape(sl) -> list[int]:
+    return list(sl.shape) if isinstance(sl, torch.Tensor) else sl.get_shape()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(_divide(out_features, tp.size), in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.weight.shape[0]), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+        n = param.shape[0]
+        param.data.copy_(_read(sl, 0, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input fused into one matmul (gate+up)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TPInfo):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+        size = self.output_sizes[shard_id] // self.tp.size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp.size
+        param.data[offset:offset + size].copy_(_read(sl, 0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v fused. Query heads are split across ranks; KV heads too, or replicated (one per rank)
+    when there are fewer KV heads than ranks."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPInfo):
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp.size)
+        if tp.size <= num_kv_heads:
+            self.num_kv_heads = _divide(num_kv_heads, tp.size)
+            self.kv_head_start = tp.rank * self.num_kv_heads
+        else:
+            _divide(tp.size, num_kv_heads)
+            self.num_kv_heads = 1
+            self.kv_head_start = tp.rank * num_kv_heads // tp.size
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden, out * tp.size, bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q, self.tp.rank * q
+        else:
+            offset = q if shard_id == "k" else q + kv
+            size, start = kv, self.kv_head_start * self.head_dim
+        param.data[offset:offset + size].copy_(_read(sl, 0, start, size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, _divide(in_features, tp.size)), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = lambda p, sl, shard_id=None: p.data.copy_(sl[:])
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+        n = param.shape[1]
+        param.data.copy_(_read(sl, 1, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        # Bias after the reduction, or it would be added tp.size times.
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across ranks; each rank looks up its own ids, zeros the rest, all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.shard
+        self.weight = nn.Parameter(torch.zeros(self.shard, hidden), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+        n = min(self.shard, _shape(sl)[0] - self.start)
+        param.data[:n].copy_(_read(sl, 0, self.start, n))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.shard)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over this rank's vocab rows, gathered to the full (unpadded) vocab."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., :self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """With `residual`: returns (norm(x + residual), x + residual), the pre-norm block's fused add."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return y if residual is None else (y, residual)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, with Llama-3 ("llama3") or linear position scaling applied."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved (rotate-half) RoPE from a cos/sin table indexed by absolute position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), rope_inv_freq(head_dim, theta, scaling))
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

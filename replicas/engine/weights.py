@@ -1,0 +1,78 @@
+"""Loading Hugging Face safetensors checkpoints (single file or sharded with an index) into our model.
+
+Each tensor is opened as a safetensors slice and handed to its parameter's `weight_loader`, which reads
+only this tensor-parallel rank's rows or columns; fused modules (qkv, gate_up) take a shard id.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Checkpoint tensors we have no parameter for, by design (rotary tables are computed, not loaded).
+_IGNORED = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / n for n in names]
+    single = d / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {d}")
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of `model` (a CausalLM) from the checkpoint; raise if any is left unset."""
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    tied = model.args.tie_word_embeddings
+    loaded: set[str] = set()
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED) or (tied and name == "lm_head.weight"):
+                    continue
+                target, shard_id = name, None
+                for part, (fused, sid) in packed.items():
+                    if f".{part}." in name:
+                        target, shard_id = name.replace(part, fused), sid
+                        break
+                param = params.get(target)
+                if param is None:
+                    raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+                loader = getattr(param, "weight_loader", None)
+                with torch.no_grad():
+                    if loader is None:  # replicated on every rank (norms)
+                        param.data.copy_(f.get_tensor(name))
+                    else:
+                        loader(param, _Cast(f.get_slice(name), param.dtype), shard_id)
+                loaded.add(f"{target}:{shard_id}")
+    expected = {f"{n}:{None}" for n in params}
+    for part, (fused, sid) in packed.items():
+        for n in params:
+            if f".{fused}." in n:
+                expected.discard(f"{n}:{None}")
+                expected.add(f"{n}:{sid}")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise KeyError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+class _Cast:
+    """A safetensors slice whose reads come back in the parameter's dtype."""
+
+    def __init__(self, sl, dtype: torch.dtype):
+        self.sl, self.dtype = sl, dtype
+
+    def get_shape(self) -> list[int]:
+        return self.sl.get_shape()
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.sl[idx].to(self.dtype)
