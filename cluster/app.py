@@ -67,6 +67,9 @@ def autoscaling_config(cfg: ClusterConfig) -> dict[str, Any]:
     except ImportError:  # policy module not present: Serve's default (ongoing requests)
         return out
     out["policy"] = policy_config(cfg)
+    # The policy applies the configured delays itself (so it logs each decision when it makes it);
+    # Serve's delay logic would hold that decision back a second time.
+    out.update(upscale_delay_s=0.0, downscale_delay_s=0.0)
     return out
 
 

@@ -1,0 +1,130 @@
+"""Queue-depth autoscaling: replica-reported engine queues -> desired LLMReplica count.
+
+Runs inside the Serve controller every 0.1 s (`AutoscalingPolicy(policy_function=QueueDepthPolicy)`),
+so it reads only the latest sample per replica and does a handful of additions. Serve pickles this
+module by value: keep it free of project imports at module level.
+
+Signal (summed over running replicas, latest sample of `LLMReplica.record_autoscaling_stats`):
+  waiting requests (+ requests queued at handles, e.g. while no replica has a free slot),
+  pending prefill tokens, and running sequences against capacity (engine max_num_seqs).
+Desired replicas = the most any one signal needs to keep every replica at its target.
+
+Delays are applied here, not by Serve (cluster.app sets Serve's own delays to 0): the policy then
+knows the moment a decision is made and logs it once, with the figures that caused it. A downscale
+takes the highest count wanted during its delay window, so a short dip never over-shrinks. Like
+Serve, it never jumps from >1 straight to 0: 1 -> 0 is its own step after another idle delay.
+Scale-from-zero is Serve's cold-start path (requests wait at the handle; it starts a replica at once,
+without calling the policy).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+POLICY_PATH = "cluster.autoscaling:QueueDepthPolicy"
+_DIR, _SINCE, _PEAK, _DECISIONS = "llmc_direction", "llmc_since", "llmc_peak", "llmc_decisions"
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    waiting: float = 0.0          # in engines' waiting queues
+    handle_queued: float = 0.0    # held at handles (no replica could take them)
+    running: float = 0.0          # sequences in engines' running batches
+    prefill_tokens: float = 0.0   # prompt tokens not yet prefilled
+    reporting: int = 0            # replicas with at least one sample
+
+    def describe(self) -> str:
+        return (f"waiting={self.waiting:g} handle_queued={self.handle_queued:g} running={self.running:g} "
+                f"pending_prefill_tokens={self.prefill_tokens:g} replicas_reporting={self.reporting}")
+
+
+class QueueDepthPolicy:
+    def __init__(self, max_num_seqs: int, target_waiting_per_replica: float = 4.0,
+                 target_prefill_tokens_per_replica: float = 8192.0, target_running_fraction: float = 0.8,
+                 upscale_delay_s: float = 2.0, downscale_delay_s: float = 30.0, name: str = "LLMReplica"):
+        self.running_target = max(1e-9, max_num_seqs * target_running_fraction)
+        self.waiting_target = target_waiting_per_replica
+        self.prefill_target = target_prefill_tokens_per_replica
+        self.upscale_delay_s = upscale_delay_s
+        self.downscale_delay_s = downscale_delay_s
+        self.name = name
+
+    # ------------------------------------------------------------------ signal
+
+    def figures(self, ctx) -> QueueFigures:
+        raw = ctx.raw_metrics or {}
+        sums = {}
+        reporting = set()
+        for key in ("waiting", "running", "pending_prefill_tokens"):
+            total = 0.0
+            for replica, series in (raw.get(key) or {}).items():
+                if series:
+                    total += series[-1].value  # latest sample: react within one push, not a window mean
+                    reporting.add(replica)
+            sums[key] = total
+        queued = ctx.total_queued_requests or 0.0
+        return QueueFigures(sums["waiting"], float(queued), sums["running"], sums["pending_prefill_tokens"],
+                            len(reporting))
+
+    def desired(self, f: QueueFigures) -> int:
+        need = max((f.waiting + f.handle_queued) / self.waiting_target,
+                   f.prefill_tokens / self.prefill_target,
+                   f.running / self.running_target)
+        return math.ceil(need - 1e-9)
+
+    # ------------------------------------------------------------------ decision
+
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        state = dict(ctx.policy_state or {})
+        target = ctx.target_num_replicas
+        f = self.figures(ctx)
+        if f.reporting == 0 and f.handle_queued == 0 and ctx.current_num_replicas > 0:
+            # Replicas up but none has reported yet: no evidence either way.
+            return target, _clear(state)
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        want = min(hi, max(lo, self.desired(f)))
+        if want < target and target > 1:
+            want = max(1, want)  # 0 only from 1 (Serve enforces the same)
+        if want == target:
+            return target, _clear(state)
+
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        direction = 1 if want > target else -1
+        if state.get(_DIR) != direction:
+            state.update({_DIR: direction, _SINCE: now, _PEAK: want})
+        # Up: the latest count wanted. Down: the highest count wanted over the window.
+        state[_PEAK] = want if direction > 0 else max(state[_PEAK], want)
+        delay = self.upscale_delay_s if direction > 0 else self.downscale_delay_s
+        if now - state[_SINCE] + 1e-6 < delay:
+            return target, state
+
+        decision = state[_PEAK]
+        state = _clear(state)
+        state[_DECISIONS] = state.get(_DECISIONS, 0) + 1
+        log.info("autoscale %s %s %d -> %d: %s desired=%d bounds=[%d,%d] after %.1fs",
+                 self.name, "up" if direction > 0 else "down", target, decision, f.describe(),
+                 self.desired(f), lo, hi, delay)
+        return decision, state
+
+
+def _clear(state: dict[str, Any]) -> dict[str, Any]:
+    for k in (_DIR, _SINCE, _PEAK):
+        state.pop(k, None)
+    return state
+
+
+def policy_config(cfg) -> dict[str, Any]:
+    """The `policy` entry of the LLMReplica deployment's autoscaling_config (dict form: also valid in a
+    KubeRay serveConfigV2). Serve's own up/downscale delays must be 0 alongside it (cluster.app)."""
+    a = cfg.autoscaling
+    return {"policy_function": POLICY_PATH, "policy_kwargs": dict(
+        max_num_seqs=cfg.engine.max_num_seqs,
+        target_waiting_per_replica=a.target_waiting_per_replica,
+        target_prefill_tokens_per_replica=a.target_prefill_tokens_per_replica,
+        target_running_fraction=a.target_running_fraction,
+        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)}
