@@ -9,8 +9,11 @@ Lua scripts may touch them):
 
     llmc:{model}:reg                   hash  replica_id -> live epoch (the epoch of its latest heartbeat)
     llmc:{model}:hb:{replica}:{epoch}  str   heartbeat, expires after the replica's ttl
-    llmc:{model}:r:{replica}:{epoch}   set   block hashes (decimal int64), expires after `entry_ttl_s`
-                                             unless writes or heartbeats refresh it
+    llmc:{model}:r:{replica}:{epoch}   set   block hashes (8-byte little-endian int64), expires after
+                                             `entry_ttl_s` unless writes or heartbeats refresh it
+
+Hashes travel packed (a lookup sends the prompt's hashes as one 8-bytes-per-block string): encoding
+dozens of separate arguments cost redis-py more than Redis' whole lookup.
 
 An epoch is opaque (one per engine start). A lookup counts a replica's blocks only while the
 registry's epoch for it has a live heartbeat: a dead replica (heartbeat expired) or an old epoch
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from typing import Iterable, Protocol, Sequence
 
@@ -66,11 +70,14 @@ class PrefixIndex(Protocol):
 
 # ---------------------------------------------------------------- Redis
 
-# KEYS[1] reg · ARGV: prefix, n, replica ids (n), block hashes. Walks each candidate's blocks in
-# chunks and stops at its first miss, so a cold replica costs one SMISMEMBER.
+# KEYS[1] reg · ARGV: prefix, n, replica ids (n), packed block hashes. Walks each candidate's blocks
+# in chunks and stops at its first miss, so a cold replica costs one SMISMEMBER.
 _LOOKUP = """
 local p, n = ARGV[1], tonumber(ARGV[2])
-local first, last = 3 + n, #ARGV
+local blob = ARGV[3 + n]
+local blocks = {}
+for b = 1, #blob, 8 do blocks[#blocks + 1] = string.sub(blob, b, b + 7) end
+local last = #blocks
 local out = {}
 for i = 1, n do
   local rid = ARGV[2 + i]
@@ -78,10 +85,10 @@ for i = 1, n do
   local epoch = redis.call('HGET', KEYS[1], rid)
   if epoch and redis.call('EXISTS', p .. 'hb:' .. rid .. ':' .. epoch) == 1 then
     local set = p .. 'r:' .. rid .. ':' .. epoch
-    local j = first
+    local j = 1
     while j <= last do
       local hi = math.min(j + 31, last)
-      local hits = redis.call('SMISMEMBER', set, unpack(ARGV, j, hi))
+      local hits = redis.call('SMISMEMBER', set, unpack(blocks, j, hi))
       local k = 1
       while k <= #hits and hits[k] == 1 do k = k + 1 end
       held = held + k - 1
@@ -141,6 +148,16 @@ return dropped
 """
 
 
+def _packed(hashes: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(hashes)}q", *hashes)
+
+
+def _members(hashes: Iterable[int]) -> list[bytes]:
+    hashes = hashes if isinstance(hashes, (list, tuple)) else list(hashes)
+    blob = _packed(hashes)
+    return [blob[i:i + 8] for i in range(0, len(blob), 8)]
+
+
 class RedisPrefixIndex:
     """`lookup` is bounded by `timeout_s` and, after a failure, skips Redis for `breaker_s` (answers
     None at once) so that a dead Redis costs the router nothing. Writes get `write_timeout_s`."""
@@ -180,7 +197,8 @@ class RedisPrefixIndex:
         try:
             async with asyncio.timeout(self.timeout_s):
                 held = await self._lookup(keys=[self._p(model_id) + "reg"],
-                                          args=[self._p(model_id), len(replica_ids), *replica_ids, *block_hashes])
+                                          args=[self._p(model_id), len(replica_ids), *replica_ids,
+                                                _packed(block_hashes)])
         except Exception as e:  # noqa: BLE001 — any Redis trouble means "unknown", never an error
             self.lookup_failures += 1
             self._skip_until = time.monotonic() + self.breaker_s
@@ -195,7 +213,7 @@ class RedisPrefixIndex:
         await self.update(model_id, replica_id, epoch, (), hashes)
 
     async def update(self, model_id, replica_id, epoch, added, removed) -> None:
-        added, removed = list(added), list(removed)
+        added, removed = _members(added), _members(removed)
         if not added and not removed:
             return
         key = self._set(model_id, replica_id, epoch)
@@ -210,7 +228,7 @@ class RedisPrefixIndex:
 
     async def replace(self, model_id, replica_id, epoch, hashes) -> None:
         key = self._set(model_id, replica_id, epoch)
-        hashes = list(hashes)
+        hashes = _members(hashes)
         pipe = self._redis.pipeline(transaction=True)  # readers never see the set half-rebuilt
         pipe.delete(key)
         for i in range(0, len(hashes), 8192):
