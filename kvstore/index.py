@@ -22,15 +22,20 @@ epoch's first heartbeat, by `sweep` (publishers call it now and then), or at the
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
+import sys
 import time
 from typing import Iterable, Protocol, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # redis-py depends on async-timeout below 3.11
+    from async_timeout import timeout as _timeout
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +200,7 @@ class RedisPrefixIndex:
             self.lookup_failures += 1
             return None
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with _timeout(self.timeout_s):
                 held = await self._lookup(keys=[self._p(model_id) + "reg"],
                                           args=[self._p(model_id), len(replica_ids), *replica_ids,
                                                 _packed(block_hashes)])
@@ -223,7 +228,7 @@ class RedisPrefixIndex:
         if added:
             pipe.sadd(key, *added)
             pipe.pexpire(key, self.entry_ttl_ms)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with _timeout(self.write_timeout_s):
             await pipe.execute()
 
     async def replace(self, model_id, replica_id, epoch, hashes) -> None:
@@ -234,24 +239,24 @@ class RedisPrefixIndex:
         for i in range(0, len(hashes), 8192):
             pipe.sadd(key, *hashes[i:i + 8192])
         pipe.pexpire(key, self.entry_ttl_ms)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with _timeout(self.write_timeout_s):
             await pipe.execute()
 
     async def heartbeat(self, model_id, replica_id, epoch, ttl_s) -> bool:
         p = self._p(model_id)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with _timeout(self.write_timeout_s):
             alive = await self._heartbeat(keys=[p + "reg"], args=[p, replica_id, str(epoch),
                                                                   max(1, int(ttl_s * 1000)), self.entry_ttl_ms])
         return bool(alive)
 
     async def drop_replica(self, model_id, replica_id, epoch=None) -> None:
         p = self._p(model_id)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with _timeout(self.write_timeout_s):
             await self._drop(keys=[p + "reg"], args=[p, replica_id, "" if epoch is None else str(epoch)])
 
     async def sweep(self, model_id) -> int:
         p = self._p(model_id)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with _timeout(self.write_timeout_s):
             return int(await self._sweep(keys=[p + "reg"], args=[p]))
 
     async def close(self) -> None:
