@@ -44,6 +44,7 @@ class EngineStats(BaseModel):
     prefix_query_tokens: int
     prefix_hit_tokens: int
     num_preemptions: int
+    computed_tokens: int  # tokens run through the model (prefill + decode), prefix hits excluded
     steps: int
     last_step_unix: float | None
 
@@ -102,6 +103,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.failures: list[tuple[str, BaseException]] = []
         self.num_steps = 0
+        self.num_computed_tokens = 0
         self.last_step_unix: float | None = None
 
     # ------------------------------------------------------------------ requests
@@ -159,7 +161,8 @@ class LLMEngine:
         open_choices = [c for c in state.choices if not c.done]
         chunks = [GenerationChunk(request_id=request_id, index=c.seq.index, finish_reason="abort")
                   for c in open_choices]
-        chunks[-1].usage = state.usage()
+        if chunks:
+            chunks[-1].usage = state.usage()
         return chunks
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
@@ -191,6 +194,7 @@ class LLMEngine:
                 seqs, logits = self.runner.run(batch.seqs, batch.num_tokens)
                 for seq, n in zip(batch.seqs, batch.num_tokens):
                     seq.num_computed_tokens += n
+                self.num_computed_tokens += sum(batch.num_tokens)
                 if seqs:
                     rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
                     out = self.sampler(logits, SamplingBatch.build(rows, logits.device))
@@ -267,7 +271,7 @@ class LLMEngine:
             pending_prefill_tokens=sch.pending_prefill_tokens(), kv_blocks_total=bm.num_blocks,
             kv_blocks_free=bm.num_free_blocks, kv_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
             prefix_query_tokens=bm.prefix_query_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
-            num_preemptions=sch.num_preemptions, steps=self.num_steps, last_step_unix=self.last_step_unix)
+            num_preemptions=sch.num_preemptions, computed_tokens=self.num_computed_tokens, steps=self.num_steps, last_step_unix=self.last_step_unix)
 
 
 def _eos_ids(model_dir: Path, args: ModelArgs, tokenizer) -> frozenset[int]:

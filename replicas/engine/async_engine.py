@@ -1,0 +1,163 @@
+"""AsyncLLMEngine: runs one LLMEngine's step loop in a background thread and streams each request's chunks
+to its asyncio caller.
+
+Every engine mutation happens on the loop thread: callers enqueue add/abort commands and get results
+through per-request asyncio queues, filled with one `call_soon_threadsafe` per event loop per step.
+torch releases the GIL in the forward pass, so the replica's event loop stays responsive.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+from replicas.engine.config import EngineConfig
+from replicas.engine.engine import EngineStats, LLMEngine
+from replicas.protocol import GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+_IDLE_TICK_S = 0.5  # the loop wakes at least this often, so `heartbeat` proves it is alive
+
+
+class EngineShutdown(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig, **engine_kwargs):
+        self.engine = LLMEngine(config, **engine_kwargs)
+        self.heartbeat = time.monotonic()
+        self._commands: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        # request id -> (event loop, queue); touched only on the loop thread.
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ caller side (asyncio)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Chunks of one request until its usage-carrying last chunk. A rejected request raises
+        EngineError here; if the consumer stops early (cancelled, closed) the request is aborted."""
+        if self._stopping:
+            raise EngineShutdown("engine is shut down")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._submit(("add", req, asyncio.get_running_loop(), queue))
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.usage is not None:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; a still-listening caller gets finish_reason "abort"."""
+        self._submit(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _submit(self, command: tuple) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self.heartbeat = time.monotonic()
+            outbox: list[tuple[str, object]] = []
+            self._drain_commands(outbox)
+            if engine.has_unfinished():
+                try:
+                    outbox.extend((c.request_id, c) for c in engine.step())
+                except Exception as exc:  # outside the forward (which the engine contains): fail all
+                    log.exception("engine step crashed; failing every request")
+                    for rid in list(engine.requests):
+                        engine.abort_request(rid)
+                        outbox.append((rid, exc))
+                outbox.extend(engine.take_failures())
+            self._deliver(outbox)
+            if not engine.has_unfinished() and not self._commands:
+                self._wake.wait(_IDLE_TICK_S)
+                self._wake.clear()
+        self._deliver([(rid, EngineShutdown("engine is shut down")) for rid in list(self._streams)])
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+
+    def _drain_commands(self, outbox: list) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            if command[0] == "add":
+                _, req, loop, queue = command
+                try:
+                    self.engine.add_request(req)
+                except Exception as exc:  # EngineError for bad input: that caller only
+                    self._send(loop, [(queue, exc)])
+                    continue
+                self._streams[req.request_id] = (loop, queue)
+            else:
+                outbox.extend((command[1], c) for c in self.engine.abort_request(command[1]))
+
+    def _deliver(self, outbox: list[tuple[str, object]]) -> None:
+        """Hand items to their callers: one thread-safe call per event loop."""
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, item in outbox:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue  # aborted by its consumer
+            if isinstance(item, BaseException) or item.usage is not None:
+                del self._streams[rid]
+            per_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, items in per_loop.items():
+            self._send(loop, items)
+
+    @staticmethod
+    def _send(loop: asyncio.AbstractEventLoop, items: list) -> None:
+        def put_all():
+            for queue, item in items:
+                queue.put_nowait(item)
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
