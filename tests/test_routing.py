@@ -1,0 +1,253 @@
+"""KVAwareRouter decisions with fake replicas and the in-process prefix index (no Ray cluster)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve.request_router import PendingRequest
+
+from cluster.config import load_config
+from cluster.model_prep import EMBEDDED_MODEL, served_model_id
+from kvstore.hashing import block_hashes, extra_key
+from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
+from replicas.protocol import GenerationRequest
+from router.routing import KVAwareRouter, RoutingParams, router_config, router_counters
+
+MODEL = "m"
+BS = 4
+DEP = DeploymentID(name="LLMReplica", app_name="test")
+_ids = itertools.count()
+
+
+class FakeReplica:
+    """What the router reads from Serve's RunningReplica."""
+
+    def __init__(self, uid: str, **stats):
+        self.replica_id = ReplicaID(unique_id=uid, deployment_id=DEP)
+        self.routing_stats = stats
+        self.max_ongoing_requests = 256
+
+
+def make_router(policy="prefix", index=None, **params) -> KVAwareRouter:
+    r = KVAwareRouter(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
+    r.initialize_state(index=InMemoryPrefixIndex() if index is None else index, policy=policy,
+                       model_id=MODEL, block_size=BS, **params)
+    return r
+
+
+def pending(tokens: list[int], *, with_hashes: bool = True) -> PendingRequest:
+    iid = f"req-{next(_ids)}"
+    req = GenerationRequest(request_id=iid, prompt_token_ids=tokens,
+                            block_hashes=block_hashes(tokens, BS, extra_key(MODEL)) if with_hashes else None)
+    return PendingRequest(args=[req], kwargs={},
+                          metadata=RequestMetadata(request_id=iid, internal_request_id=iid, call_method="generate"))
+
+
+async def hold(index, replica: FakeReplica, tokens: list[int], blocks: int | None = None) -> None:
+    """Make the index say `replica` caches the first `blocks` blocks of `tokens` (all full ones by default)."""
+    rid = replica.replica_id.unique_id
+    hashes = block_hashes(tokens, BS, extra_key(MODEL))
+    await index.heartbeat(MODEL, rid, "e1", ttl_s=60)
+    await index.add(MODEL, rid, "e1", hashes[:blocks])
+
+
+async def choose(router, replicas, pr, complete=True):
+    """One decision; the first group must hold exactly one replica. `complete` finishes the request."""
+    groups = await router.choose_replicas(replicas, pr)
+    assert len(groups[0]) == 1 and sorted(r.replica_id.unique_id for g in groups for r in g) == \
+        sorted(r.replica_id.unique_id for r in replicas)
+    best = groups[0][0]
+    if complete:
+        router.on_request_completed(best.replica_id, pr.metadata.internal_request_id)
+    return best.replica_id.unique_id, groups
+
+
+PROMPT = list(range(100, 126))  # 6 full blocks of 4 + 2 tokens
+
+
+async def test_longest_prefix_holder_wins_when_load_is_similar():
+    index = InMemoryPrefixIndex()
+    a, b, c = FakeReplica("a", waiting=1, running=2), FakeReplica("b", waiting=1, running=2), \
+        FakeReplica("c", waiting=1, running=3)
+    await hold(index, a, PROMPT, 6)
+    await hold(index, b, PROMPT, 2)
+    router = make_router(index=index)
+    for _ in range(20):
+        best, groups = await choose(router, [c, b, a], pending(PROMPT))
+        assert best == "a"
+        assert [r.replica_id.unique_id for r in groups[1]] == ["b", "c"]  # fallbacks ranked too
+
+
+async def test_much_more_loaded_holder_loses_but_a_little_more_loaded_one_wins():
+    index = InMemoryPrefixIndex()
+    a, b = FakeReplica("a", waiting=0, running=1), FakeReplica("b", waiting=0, running=1)
+    await hold(index, a, PROMPT, 6)  # saves 24 prefill tokens
+    router = make_router(index=index)
+    a.routing_stats = dict(waiting=1, running=1, pending_prefill_tokens=500)  # queued work >> 24 saved
+    assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
+    a.routing_stats = dict(waiting=0, running=1, pending_prefill_tokens=10)  # 10 queued < 24 saved
+    assert (await choose(router, [a, b], pending(PROMPT)))[0] == "a"
+    # Per candidate, not fleet-wide: a hot holder is passed over for the next-best holder, not for all.
+    c = FakeReplica("c", waiting=0, running=1)
+    await hold(index, c, PROMPT, 4)
+    a.routing_stats = dict(waiting=8, running=4, pending_prefill_tokens=2000)
+    best, groups = await choose(router, [a, b, c], pending(PROMPT))
+    assert best == "c" and [r.replica_id.unique_id for r in groups[1]] == ["b", "a"]
+
+
+async def test_ties_are_randomised():
+    replicas = [FakeReplica(x, waiting=0, running=0) for x in "abc"]
+    router = make_router()
+    wins = collections.Counter()
+    for _ in range(300):
+        wins[(await choose(router, replicas, pending(PROMPT)))[0]] += 1
+    assert set(wins) == {"a", "b", "c"} and min(wins.values()) > 60, wins
+
+
+async def test_hot_holder_is_gated_by_load_bound():
+    index = InMemoryPrefixIndex()
+    long_prompt = list(range(1000, 1400))  # 100 blocks: saving 400 tokens outweighs any queue below
+    a, b, c = FakeReplica("a", running=9), FakeReplica("b", running=2), FakeReplica("c", running=2)
+    await hold(index, a, long_prompt)
+    await hold(index, b, long_prompt, 3)
+    router = make_router(index=index, balance_slack=2, balance_ratio=0.5)
+    # a is 7 requests above the least loaded (> max(2, 0.5 * mean 4.3)): ranked last despite its cache;
+    # among the others b's shorter prefix still counts.
+    best, groups = await choose(router, [a, b, c], pending(long_prompt))
+    assert best == "b" and groups[1][-1].replica_id.unique_id == "a"
+    a.routing_stats = dict(running=4)  # within the bound again: its cache wins
+    assert (await choose(router, [a, b, c], pending(long_prompt)))[0] == "a"
+
+
+@pytest.mark.parametrize("others_cache", [True, False])
+async def test_skew_spreads_a_burst_before_stats_refresh(others_cache):
+    """All traffic shares one prefix, 60 requests arrive at once (no completions, stats stale at 0).
+    With others_cache=False only `a` ever holds the prefix (the worst case for hot spots)."""
+    index = InMemoryPrefixIndex()
+    replicas = [FakeReplica(x) for x in "abc"]
+    prompt = list(range(1000, 1400))  # 100 blocks: the prefix is worth more than any queue here
+    await hold(index, replicas[0], prompt)
+    router = make_router(index=index)
+    load = collections.Counter()
+    for _ in range(60):
+        best, _ = await choose(router, replicas, pending(prompt), complete=False)
+        load[best] += 1
+        if others_cache:
+            await hold(index, next(r for r in replicas if r.replica_id.unique_id == best), prompt)
+    mean = 60 / 3
+    assert max(load.values()) <= 1.5 * mean, load
+    assert load["a"] == max(load.values())  # the holder still gets the most (its cache is worth something)
+
+
+class DeadIndex:
+    """An index whose every lookup answers None (Redis down or slow)."""
+    lookup_failures = 0
+
+    async def lookup(self, model_id, block_hashes, replica_ids):
+        self.lookup_failures += 1
+        return None
+
+
+async def test_index_unavailable_routes_by_load_and_counts_fallbacks():
+    a, b = FakeReplica("a", running=6, pending_prefill_tokens=300), FakeReplica("b", running=1)
+    router = make_router(index=DeadIndex())
+    before = router_counters()["fallbacks"]
+    for _ in range(5):
+        assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
+    assert router.fallbacks == 5 and router_counters()["fallbacks"] - before == 5
+
+
+async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redis_url):
+    """A hung Redis costs at most the lookup timeout, then nothing (breaker); back up -> prefix again."""
+    index = RedisPrefixIndex(redis_url, timeout_s=0.02, breaker_s=0.3)
+    a, b = FakeReplica("a", running=2), FakeReplica("b", running=1)
+    await hold(index, a, PROMPT)
+    router = make_router(index=index)
+    assert (await choose(router, [a, b], pending(PROMPT)))[0] == "a"
+    redis_server.pause()
+    try:
+        for _ in range(20):
+            t0 = time.perf_counter()
+            best, _ = await choose(router, [a, b], pending(PROMPT))
+            assert time.perf_counter() - t0 < 0.2 and best == "b"  # load only
+        assert router.fallbacks == 20
+    finally:
+        redis_server.resume()
+    deadline = time.monotonic() + 5
+    while (await choose(router, [a, b], pending(PROMPT)))[0] != "a":
+        assert time.monotonic() < deadline, "prefix routing did not come back after Redis did"
+        await asyncio.sleep(0.05)
+    await index.close()
+
+
+async def test_round_robin_cycles():
+    replicas = [FakeReplica(x, running=i) for i, x in enumerate("abc")]
+    router = make_router(policy="round_robin")
+    seq = [(await choose(router, replicas, pending(PROMPT)))[0] for _ in range(9)]
+    assert all(seq[i] != seq[i + 1] for i in range(8)) and collections.Counter(seq) == {"a": 3, "b": 3, "c": 3}
+
+
+async def test_pow2_never_picks_the_busiest_and_ignores_cache():
+    index = InMemoryPrefixIndex()
+    busy = FakeReplica("busy", running=10, pending_prefill_tokens=100)
+    replicas = [busy, FakeReplica("x", running=1), FakeReplica("y", running=1)]
+    await hold(index, busy, PROMPT)
+    router = make_router(policy="pow2", index=index)
+    wins = collections.Counter([(await choose(router, replicas, pending(PROMPT)))[0] for _ in range(100)])
+    assert wins["busy"] == 0 and wins["x"] > 20 and wins["y"] > 20
+
+
+async def test_own_assignments_follow_serve_and_are_released():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router = make_router()
+    pr = pending(PROMPT)
+    best, groups = await choose(router, [a, b], pr, complete=False)
+    other = groups[1][0]
+    assert router._inflight[best] == 1
+    router.on_request_routed(pr, other.replica_id, None)  # Serve used the fallback group
+    assert router._inflight[best] == 0 and router._inflight[other.replica_id.unique_id] == 1
+    router.on_request_completed(other.replica_id, pr.metadata.internal_request_id)
+    assert router._inflight[other.replica_id.unique_id] == 0
+    pr2 = pending(PROMPT)  # a caller that gives up before Serve sends its request
+    best2, _ = await choose(router, [a, b], pr2, complete=False)
+    pr2.future.cancel()
+    await asyncio.sleep(0)
+    assert router._inflight[best2] == 0 and not router._assigned
+
+
+async def test_hashes_computed_when_the_ingress_sent_none():
+    index = InMemoryPrefixIndex()
+    a, b = FakeReplica("a", running=1), FakeReplica("b")
+    await hold(index, a, PROMPT)
+    router = make_router(index=index)
+    assert (await choose(router, [a, b], pending(PROMPT, with_hashes=False)))[0] == "a"
+
+
+async def test_non_generation_calls_route_by_load():
+    a, b = FakeReplica("a", running=5), FakeReplica("b")
+    router = make_router()
+    pr = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(
+        request_id="x", internal_request_id="x", call_method="model_info"))
+    groups = await router.choose_replicas([a, b], pr)
+    assert groups[0][0].replica_id.unique_id == "b" and not router._assigned
+
+
+def test_router_config_from_cluster_config():
+    cfg = load_config(overrides={"router.policy": "pow2", "redis_url": "redis://127.0.0.1:1",
+                                 "engine.block_size": 32, "router.redis_timeout_ms": 7})
+    rc = router_config(cfg)
+    assert rc.request_router_class is KVAwareRouter or rc.request_router_class.endswith("KVAwareRouter")
+    p = RoutingParams.model_validate(rc.request_router_kwargs)
+    assert (p.policy, p.model_id, p.block_size, p.redis_url, p.redis_timeout_ms) == \
+        ("pow2", EMBEDDED_MODEL, 32, "redis://127.0.0.1:1", 7)
+    assert rc.request_routing_stats_period_s <= 1
+
+
+def test_served_model_id():
+    assert served_model_id(load_config().engine) == EMBEDDED_MODEL
+    assert served_model_id(load_config(overrides={"engine.model": "/x/tiny-llama/"}).engine) == "tiny-llama"
+    assert served_model_id(load_config(overrides={"engine.model": "/x/y", "engine.model_id": "z"}).engine) == "z"
