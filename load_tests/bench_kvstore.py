@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -103,6 +104,7 @@ async def run(url: str, n: int, blocks: int, set_size: int, replicas: int, timeo
         f"concurrent_{callers}_ms": {"p50": ms(_pct(conc, .5)), "p99": ms(_pct(conc, .99))},
         "concurrent_lookups_per_s": round(rate),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%d"),
     }
 

@@ -208,18 +208,24 @@ class LoadClient:
         results.append(m.result())
 
     async def run(self, workload: Workload, status: StatusSource | None = None) -> RunResult:
+        specs = workload.requests[: self.cfg.max_requests]
+        show = self.cfg.progress if self.cfg.progress is not None else (len(specs) >= 50 and sys.stderr.isatty())
+        bar = tqdm(total=len(specs), unit="req", disable=not show, file=sys.stderr)
+        try:
+            return await self._run(workload, specs, bar, status)
+        finally:
+            bar.close()
+
+    async def _run(self, workload: Workload, specs: list[RequestSpec], bar: tqdm, status: StatusSource | None):
         cfg = self.cfg
-        specs = workload.requests[: cfg.max_requests]
         present = {s.id for s in specs}
         arrival = workload.config.arrival
         closed = arrival.kind == "closed_loop"
-        width = arrival.concurrency if closed else len(specs)
+        width = max(arrival.concurrency if closed else len(specs), 1) + 4
         timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s)
-        limits = httpx.Limits(max_connections=max(width, 1) + 4, max_keepalive_connections=max(width, 1) + 4)
+        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         results: list[RequestResult] = []
         answers: dict[str, str] = {}
-        show = cfg.progress if cfg.progress is not None else (len(specs) >= 50 and sys.stderr.isatty())
-        bar = tqdm(total=len(specs), unit="req", disable=not show, file=sys.stderr, leave=False)
         sampler = StatusSampler(status, cfg.status_interval_s, allow_remote=cfg.allow_remote) if status else None
         stop = asyncio.Event()
         started_at = datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -274,11 +280,11 @@ class LoadClient:
                 await asyncio.wait_for(main, cfg.deadline_s)
             except asyncio.TimeoutError:
                 pass  # in-flight requests recorded themselves as cut off; unsent ones are simply not sent
-            duration = time.perf_counter() - t0
-            stop.set()
-            if sampling is not None:
-                await sampling
-        bar.close()
+            finally:
+                duration = time.perf_counter() - t0
+                stop.set()
+                if sampling is not None:
+                    await sampling
         results.sort(key=lambda r: r.start_s)
         return RunResult(
             started_at=started_at, url=self.base, model=model, workload=workload.config.model_dump(mode="json"),
