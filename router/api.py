@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP surface: `OpenAIRouter` (the FastAPI app and what each endpoint does) and
+`OpenAIIngress`, its Ray Serve ingress deployment.
+
+Per generation request: validate -> tokenize (chat template) and hash blocks -> admission -> one
+`ResumableGeneration` per prompt (failover) -> merge their chunks -> SSE stream or one JSON response.
+The first chunk is awaited before any response starts, so failures before the first token still get a
+proper status code; after it they end the stream with an error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from cluster.config import ClusterConfig
+from replicas.protocol import GenerationRequest, SamplingParams
+from router.admission import Admission, Ticket
+from router.auth import ApiKeys
+from router.errors import ERROR_TYPES, APIError, install_error_handlers
+from router.failover import ResumableGeneration
+from router.metrics import CONTENT_TYPE, RouterMetrics
+from router.middleware import Gatekeeper
+from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                             CompletionResponse, ModelCard, ModelList, UsageInfo)
+from router.responses import ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter
+from router.tokenization import ModelInfo, PromptPreparer
+
+log = logging.getLogger("llm_cluster.router")
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MODEL_INFO_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 2.0
+ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"})
+_ERROR_RESPONSES = {s: {"description": t} for s, t in ERROR_TYPES.items() if s in (400, 401, 404, 413, 429, 503)}
+
+
+class OpenAIRouter:
+    """Owns the FastAPI app (`.app`) for one ingress instance; `replicas` is the LLMReplica handle."""
+
+    def __init__(self, config: ClusterConfig, replicas: Any):
+        self.config = config
+        self.replicas = replicas
+        self.keys = ApiKeys.from_config(config)
+        self.keys.announce()
+        self.metrics = RouterMetrics()
+        self.admission = Admission(config.router.max_queued_requests, config.router.num_router_replicas)
+        self.metrics.queued.set_function(lambda: self.admission.queued)
+        self._preparer: PromptPreparer | None = None
+        self._preparer_lock = asyncio.Lock()
+        self._active_ids: set[str] = set()
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------------ model
+
+    async def _model_info(self, timeout: float) -> dict:
+        response = self.replicas.model_info.remote()
+        try:
+            return await asyncio.wait_for(_awaited(response), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - timeout, dead replica, no replica: all mean "not ready"
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise APIError(503, f"no healthy replica answered ({type(e).__name__})",
+                           code="no_healthy_replica") from None
+
+    async def preparer(self, info: dict | None = None) -> PromptPreparer:
+        """Tokenizer and model limits, from the first replica that answers; loaded once."""
+        if self._preparer is None:
+            async with self._preparer_lock:
+                if self._preparer is None:
+                    info = info or await self._model_info(MODEL_INFO_TIMEOUT_S)
+                    self._preparer = await asyncio.to_thread(PromptPreparer, ModelInfo.from_replica(info))
+                    log.info("serving model %s (context %d, block size %d)", self._preparer.info.model_id,
+                             self._preparer.info.max_model_len, self._preparer.info.block_size)
+        return self._preparer
+
+    @staticmethod
+    def _check_model(requested: str | None, p: PromptPreparer) -> None:
+        if requested is not None and requested != p.info.model_id:
+            raise APIError(404, f"model {requested!r} does not exist; this server serves {p.info.model_id!r}",
+                           param="model", code="model_not_found")
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        p = await self.preparer()
+        self._check_model(body.model, p)
+        specs = [(ids, body.sampling(p.max_tokens(len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)),
+                  p.block_hashes(ids)) for ids in p.completion_prompts(body.prompt)]
+        fmt = lambda rid: CompletionFormatter(  # noqa: E731
+            f"cmpl-{rid}", p.info.model_id, len(specs) * (body.n or 1), logprobs=body.logprobs is not None,
+            include_usage=body.include_usage)
+        return await self._serve(request, "/v1/completions", specs, fmt, bool(body.stream))
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        p = await self.preparer()
+        self._check_model(body.model, p)
+        ids = p.encode_chat(body.template_messages())
+        p.check_ids(ids)
+        specs = [(ids, body.sampling(p.max_tokens(len(ids), body.requested_max_tokens(), None)),
+                  p.block_hashes(ids))]
+        fmt = lambda rid: ChatFormatter(  # noqa: E731
+            f"chatcmpl-{rid}", p.info.model_id, body.n or 1, logprobs=bool(body.logprobs),
+            include_usage=body.include_usage)
+        return await self._serve(request, "/v1/chat/completions", specs, fmt, bool(body.stream))
+
+    async def models(self) -> ModelList:
+        p = await self.preparer()
+        return ModelList(data=[ModelCard(id=p.info.model_id, created=int(time.time()),
+                                         max_model_len=p.info.max_model_len)])
+
+    async def ready(self) -> JSONResponse:
+        info = await self._model_info(READY_TIMEOUT_S)
+        await self.preparer(info)
+        return JSONResponse({"status": "ready", "model": info.get("model_id")})
+
+    # ------------------------------------------------------------------ serving one request
+
+    def _claim_id(self, rid: str) -> str:
+        # A client reusing an id for concurrent requests must not make two engine requests collide.
+        if rid in self._active_ids:
+            rid = f"{rid}-{time.monotonic_ns():x}"
+        self._active_ids.add(rid)
+        return rid
+
+    async def _serve(self, request: Request, endpoint: str, specs: list[tuple[list[int], SamplingParams, list[int]]],
+                     make_fmt: Callable[[str], _Formatter], stream: bool) -> Response:
+        ticket = self.admission.admit()
+        rid = self._claim_id(request.state.request_id)
+        try:
+            reqs = [GenerationRequest(request_id=rid if len(specs) == 1 else f"{rid}-p{k}", prompt_token_ids=ids,
+                                      sampling=sampling, block_hashes=hashes)
+                    for k, (ids, sampling, hashes) in enumerate(specs)]
+            gens = [ResumableGeneration(self.replicas, r, max_attempts=self.config.router.max_attempts,
+                                        on_event=self.metrics.on_failover_event) for r in reqs]
+            fmt = make_fmt(rid)
+        except BaseException:
+            ticket.release()
+            self._active_ids.discard(rid)
+            raise
+        usage = lambda: _usage(gens)  # noqa: E731
+        # _observed's cleanup releases the ticket and the id once the generator has started (next line).
+        chunks = self._observed(_merged(gens, reqs[0].sampling.n), gens, ticket, rid, endpoint, request)
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        chunks = _prepend(first, chunks)
+        if stream:
+            return StreamingResponse(fmt.stream(chunks, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result = await fmt.aggregate(chunks, usage)
+        return Response(result.model_dump_json(), media_type="application/json")
+
+    async def _observed(self, chunks: IndexedChunks, gens: list[ResumableGeneration], ticket: Ticket,
+                        rid: str, endpoint: str, request: Request) -> IndexedChunks:
+        """Latency metrics on the way through; releases the admission slot and records usage at the end."""
+        m = self.metrics
+        t0 = request.state.t0
+        last: dict[int, float] = {}
+        m.in_flight.inc()
+        try:
+            async for index, chunk in chunks:
+                now = time.perf_counter()
+                if not last:
+                    ticket.started()
+                    m.ttft.labels(endpoint).observe(now - t0)
+                elif chunk.token_ids and index in last:
+                    m.itl.labels(endpoint).observe((now - last[index]) / len(chunk.token_ids))
+                last[index] = now
+                yield index, chunk
+            m.e2e.labels(endpoint).observe(time.perf_counter() - t0)
+        finally:
+            ticket.release()
+            m.in_flight.dec()
+            self._active_ids.discard(rid)
+            u = _usage(gens)
+            m.prompt_tokens.inc(u.prompt_tokens)
+            m.completion_tokens.inc(u.completion_tokens)
+            m.cached_tokens.inc(u.prompt_tokens_details.cached_tokens)
+            request.state.prompt_tokens = u.prompt_tokens
+            request.state.completion_tokens = u.completion_tokens
+            request.state.cached_tokens = u.prompt_tokens_details.cached_tokens
+            request.state.attempts = max(g.attempts for g in gens)
+
+    # ------------------------------------------------------------------ app
+
+    def _build_app(self) -> Any:
+        app = FastAPI(title="llm-cluster", version="0.1.0", openapi_url="/openapi.json",
+                      description="OpenAI-compatible API of an llm-cluster deployment.")
+        install_error_handlers(app)
+
+        @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+        async def completions(body: CompletionRequest, request: Request):
+            return await self.completions(body, request)
+
+        @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+        async def chat_completions(body: ChatCompletionRequest, request: Request):
+            return await self.chat(body, request)
+
+        @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
+        async def models():
+            return await self.models()
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.get("/ready", responses={503: {"description": "no replica answers"}})
+        async def ready():
+            return await self.ready()
+
+        @app.get("/metrics", response_class=Response)
+        async def metrics():
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+        app.add_middleware(Gatekeeper, keys=self.keys, max_body_bytes=self.config.router.max_body_bytes,
+                           metrics=self.metrics, endpoints=ENDPOINTS)
+        return app
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The Serve ingress deployment; its options are set in `cluster.app`."""
+
+    def __init__(self, config: ClusterConfig, replicas: Any):
+        self.router = OpenAIRouter(config, replicas)
+
+    def __serve_build_asgi_app__(self):
+        return self.router.app
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def _awaited(x):
+    return await x
+
+
+def _usage(gens: list[ResumableGeneration]) -> UsageInfo:
+    return UsageInfo.of(sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens),
+                        sum(g.cached_tokens for g in gens))
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+_END = object()
+
+
+async def _merged(gens: list[ResumableGeneration], n: int) -> IndexedChunks:
+    """Chunks of all prompts' generations as they come; prompt k's choice i is response choice k*n+i."""
+    if len(gens) == 1:
+        async for chunk in gens[0]:
+            yield chunk.index, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, gen: ResumableGeneration) -> None:
+        try:
+            async for chunk in gen:
+                await queue.put((k * n + chunk.index, chunk))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put(e)
+            return
+        await queue.put(_END)
+
+    tasks = [asyncio.create_task(pump(k, g)) for k, g in enumerate(gens)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is _END:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

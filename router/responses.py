@@ -1,0 +1,122 @@
+"""Engine chunks -> OpenAI responses: SSE stream events (one choice per event, interleaved as they come,
+an optional usage event, then `data: [DONE]`) or one aggregated response; logprobs in OpenAI's two
+formats (completions: parallel lists; chat: per-token objects).
+"""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator, Callable
+
+from replicas.protocol import GenerationChunk, TokenLogprob
+from router.errors import APIError, sse_error_event
+from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+                             ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,
+                             CompletionChunk, CompletionLogprobs, CompletionResponse, TopLogprob, UsageInfo)
+
+DONE = "data: [DONE]\n\n"
+IndexedChunks = AsyncIterator[tuple[int, GenerationChunk]]  # (choice index in the response, chunk)
+
+
+def sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+class _Formatter:
+    def __init__(self, response_id: str, model: str, num_choices: int, logprobs: bool, include_usage: bool):
+        self.id = response_id
+        self.model = model
+        self.created = int(time.time())
+        self.num_choices = num_choices
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+
+    async def stream(self, chunks: IndexedChunks, usage: Callable[[], UsageInfo]) -> AsyncIterator[str]:
+        try:
+            for event in self._opening():
+                yield event
+            async for index, chunk in chunks:
+                if chunk.text or chunk.token_ids or chunk.finish_reason:
+                    yield self._event(index, chunk)
+        except APIError as err:  # every replica failed mid-stream: end the stream cleanly
+            yield sse_error_event(err)
+            yield DONE
+            return
+        if self.include_usage:
+            yield self._usage_event(usage())
+        yield DONE
+
+    def _opening(self) -> list[str]:
+        return []
+
+
+class CompletionFormatter(_Formatter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._offsets = [0] * self.num_choices  # text_offset of each choice's next token
+
+    def _event(self, index: int, chunk: GenerationChunk) -> str:
+        lp = self._logprobs(index, chunk.logprobs, CompletionLogprobs()) if self.logprobs else None
+        return sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
+            CompletionChoice(index=index, text=chunk.text, logprobs=lp, finish_reason=chunk.finish_reason)]))
+
+    def _usage_event(self, usage: UsageInfo) -> str:
+        return sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
+
+    async def aggregate(self, chunks: IndexedChunks, usage: Callable[[], UsageInfo]) -> CompletionResponse:
+        texts: list[list[str]] = [[] for _ in range(self.num_choices)]
+        lps = [CompletionLogprobs() if self.logprobs else None for _ in range(self.num_choices)]
+        finish: list[str | None] = [None] * self.num_choices
+        async for index, chunk in chunks:
+            texts[index].append(chunk.text)
+            if lps[index] is not None:
+                self._logprobs(index, chunk.logprobs, lps[index])
+            finish[index] = chunk.finish_reason or finish[index]
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage(), choices=[
+            CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=finish[i])
+            for i in range(self.num_choices)])
+
+    def _logprobs(self, index: int, items: list[TokenLogprob] | None, out: CompletionLogprobs) -> CompletionLogprobs:
+        for t in items or ():
+            out.tokens.append(t.token)
+            out.token_logprobs.append(t.logprob)
+            out.top_logprobs.append({tok: lp for _, tok, lp in t.top})
+            out.text_offset.append(self._offsets[index])
+            self._offsets[index] += len(t.token)
+        return out
+
+
+class ChatFormatter(_Formatter):
+    def _opening(self) -> list[str]:
+        # OpenAI opens every choice with the assistant role and empty content.
+        return [sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
+            for i in range(self.num_choices)]
+
+    def _event(self, index: int, chunk: GenerationChunk) -> str:
+        lp = ChatLogprobs(content=_chat_logprobs(chunk.logprobs)) if self.logprobs else None
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
+            ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text), logprobs=lp,
+                            finish_reason=chunk.finish_reason)]))
+
+    def _usage_event(self, usage: UsageInfo) -> str:
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                       usage=usage))
+
+    async def aggregate(self, chunks: IndexedChunks, usage: Callable[[], UsageInfo]) -> ChatCompletionResponse:
+        texts: list[list[str]] = [[] for _ in range(self.num_choices)]
+        lps = [ChatLogprobs() if self.logprobs else None for _ in range(self.num_choices)]
+        finish: list[str | None] = [None] * self.num_choices
+        async for index, chunk in chunks:
+            texts[index].append(chunk.text)
+            if lps[index] is not None:
+                lps[index].content.extend(_chat_logprobs(chunk.logprobs))
+            finish[index] = chunk.finish_reason or finish[index]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage(), choices=[
+            ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), logprobs=lps[i],
+                       finish_reason=finish[i]) for i in range(self.num_choices)])
+
+
+def _chat_logprobs(items: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:
+    return [ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                             top_logprobs=[TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode()))
+                                           for _, tok, lp in t.top]) for t in items or ()]
