@@ -6,8 +6,10 @@ for routing and autoscaling, and say when it is unhealthy.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import AsyncIterator
@@ -18,8 +20,15 @@ from replicas.protocol import EngineError, GenerationChunk, GenerationRequest
 log = logging.getLogger("ray.serve")
 
 
+FAULT_INJECTION_ENV = "LLM_CLUSTER_FAULT_INJECTION"
+
+
 class ReplicaUnhealthy(RuntimeError):
     pass
+
+
+class _InjectedCrash(BaseException):
+    """Escapes the engine loop's `except Exception`, so the loop thread dies (fault injection only)."""
 
 
 class LLMReplica:
@@ -31,8 +40,17 @@ class LLMReplica:
         self.engine_config = resolve_engine_config(config.engine)
         self.replica_id = _replica_unique_id()
         self.epoch = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
-        self.engine = AsyncLLMEngine(self.engine_config)
+        # KV block events -> the prefix index the routers read (only when Redis is configured).
+        self.publisher = _kv_publisher(config, self.engine_config, self.replica_id, self.epoch)
+        hooks = {} if True else {"on_blocks_stored": self.publisher.on_blocks_stored,
+                                                   "on_blocks_evicted": self.publisher.on_blocks_evicted}
+        self.engine = AsyncLLMEngine(self.engine_config, **hooks)
+        if self.publisher is not None:
+            self.publisher.full_set = self._cached_block_hashes
+            self._publisher_task = _start_on_running_loop(self.publisher.start())
         self._draining = False
+        self._inflight = 0  # generate() streams open on this replica: work the engine may not list yet
+        self._device = _engine_device(self.engine_config)
         log.info("replica %s ready: model=%s blocks=%s", self.replica_id, self.engine_config.served_model_id,
                  self.engine.stats().kv_blocks_total)
 
@@ -40,13 +58,18 @@ class LLMReplica:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream chunks for one request. Cancellation (client gone) aborts it and frees its blocks."""
-        async for chunk in self.engine.generate(request):
-            yield chunk
+        self._inflight += 1
+        try:
+            async for chunk in self.engine.generate(request):
+                yield chunk
+        finally:
+            self._inflight -= 1
 
     async def model_info(self) -> dict:
         e = self.engine
         return {"model_id": e.model_id, "max_model_len": e.max_model_len, "block_size": e.block_size,
-                "model_path": self.engine_config.model, "replica_id": self.replica_id}
+                "model_path": self.engine_config.model, "replica_id": self.replica_id,
+                "redis_url": self.config.redis_url}  # for `llm-cluster status` (internal handle calls only)
 
     async def stats(self) -> dict:
         s = self.engine.stats().model_dump()
@@ -65,23 +88,143 @@ class LLMReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.engine.stats()
-        return {"waiting": float(s.num_waiting), "running": float(s.num_running),
+        # Requests handed to the engine but not yet taken in by its loop count as waiting: in a burst
+        # they are the queue the scheduler has not seen yet.
+        waiting = max(s.num_waiting, self._inflight - s.num_running)
+        return {"waiting": float(waiting), "running": float(s.num_running),
                 "pending_prefill_tokens": float(s.pending_prefill_tokens)}
 
     async def check_health(self) -> None:
-        stall = self.config.replicas.stall_timeout_s
-        s = self.engine.stats()
-        idle_for = time.monotonic() - self.engine.heartbeat
-        if idle_for > stall and (s.num_running or s.num_waiting):
-            raise ReplicaUnhealthy(f"engine loop has not ticked for {idle_for:.1f}s with work queued")
+        """Serve calls this every health_check_period_s. A broken replica exits its process at once
+        instead of raising: Serve would wait for 3 failed checks, then drain it for up to
+        graceful_shutdown_timeout_s while its streams hang. Exiting ends those streams with
+        ActorDiedError (the router resumes them on another replica) and Serve sees the actor crashed,
+        so it leaves routing and is replaced on the next controller tick."""
+        problem = self._engine_problem() or await self._device_problem() or await self._tp_worker_problem()
+        if problem:
+            log.error("replica %s unhealthy, exiting so Serve replaces it: %s", self.replica_id, problem)
+            _exit_process()
+            raise ReplicaUnhealthy(problem)  # only reached where exiting is patched out (unit tests)
+
+    def _engine_problem(self) -> str | None:
         if not self.engine.is_alive():
-            raise ReplicaUnhealthy("engine loop thread is dead")
+            return "engine loop thread is dead"
+        idle_for = time.monotonic() - self.engine.heartbeat
+        if idle_for > self.config.replicas.stall_timeout_s:
+            s = self.engine.stats()
+            if s.num_running or s.num_waiting or self._inflight:
+                return (f"engine loop has not ticked for {idle_for:.1f}s with work "
+                        f"(running={s.num_running} waiting={s.num_waiting} streams={self._inflight})")
+        return None
+
+    async def _device_problem(self) -> str | None:
+        """CUDA: a sticky error or a hung device fails a tiny alloc + synchronize (in a thread: a hung
+        synchronize must not block the replica's event loop)."""
+        if self._device is None or self._device.type != "cuda":
+            return None
+        import torch
+
+        def probe():
+            torch.empty(1, device=self._device).add_(1)
+            torch.cuda.synchronize(self._device)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(probe), self._probe_timeout_s())
+        except asyncio.TimeoutError:
+            return f"device {self._device} did not synchronize within {self._probe_timeout_s():.1f}s"
+        except Exception as e:  # noqa: BLE001 - any CUDA error here means the device is unusable
+            return f"device {self._device} check failed: {type(e).__name__}: {e}"
+        return None
+
+    async def _tp_worker_problem(self) -> str | None:
+        """Hook for tensor parallelism: an engine with TP workers exposes `check_workers(timeout_s)`,
+        which pings every worker actor and raises if one is dead or does not answer in time."""
+        check = getattr(self.engine, "check_workers", None)
+        if check is None:
+            return None
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check, self._probe_timeout_s()), self._probe_timeout_s() + 1)
+        except asyncio.TimeoutError:
+            return "TP workers did not answer the health ping"
+        except Exception as e:  # noqa: BLE001 - ActorDiedError and friends
+            return f"TP worker check failed: {type(e).__name__}: {e}"
+        return None
+
+    def _probe_timeout_s(self) -> float:
+        # Leave Serve's own health-check timeout room to receive our answer.
+        return max(0.5, self.config.replicas.health_check_timeout_s / 2)
+
+    def _inject_fault(self, kind: str) -> str:
+        """Tests only, refused unless LLM_CLUSTER_FAULT_INJECTION=1 in the replica's environment.
+        "stall": the engine loop blocks in its next step, forever; "crash": the loop thread dies at its
+        next step. Swaps the engine's step method, so the serving path carries no check for it.
+        Returns this replica's id."""
+        if os.environ.get(FAULT_INJECTION_ENV) != "1":
+            raise PermissionError(f"fault injection is off (set {FAULT_INJECTION_ENV}=1)")
+        inner = self.engine.engine
+        if kind == "stall":
+            never = threading.Event()
+            inner.step = lambda: never.wait() and []
+        elif kind == "crash":
+            def crash():
+                raise _InjectedCrash("injected engine loop crash")
+            inner.step = crash
+        else:
+            raise ValueError(f"unknown fault {kind!r}")
+        log.warning("replica %s: injected fault %r", self.replica_id, kind)
+        return self.replica_id
+
+    def _cached_block_hashes(self) -> list[int]:
+        # The publisher's resync snapshot, read off the engine thread: list() of an int-keyed dict runs
+        # in C under the GIL, so it never sees the dict mid-change.
+        return list(self.engine.engine.block_manager.cached)
 
     def __del__(self):
-        # Serve calls this on replica shutdown (downscale, redeploy): stop the engine thread.
+        # Serve calls this on replica shutdown (downscale, redeploy): stop publishing (its entries are
+        # dropped from the index; if the loop ends first they expire with the heartbeat), then the engine.
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            self._publisher_task = _start_on_running_loop(publisher.stop())
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _exit_process() -> None:
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    os._exit(1)
+
+
+def _engine_device(cfg):
+    try:
+        from replicas.engine.model_runner import resolve_device_dtype
+        return resolve_device_dtype(cfg)[0]
+    except Exception:  # noqa: BLE001 - no device check rather than no replica
+        return None
+
+
+def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: str):
+    """The replica's KVEventPublisher, or None without Redis. Never fails the replica: without a
+    publisher the routers just don't see this replica's cache."""
+    if not config.redis_url:
+        return None
+    try:
+        from cluster.model_prep import served_model_id
+        from kvstore.index import RedisPrefixIndex
+        from kvstore.publisher import KVEventPublisher
+        return KVEventPublisher(RedisPrefixIndex(config.redis_url), served_model_id(engine_config), replica_id, epoch)
+    except Exception as e:  # noqa: BLE001 — e.g. a malformed URL
+        log.warning("replica %s: no KV event publishing (%r)", replica_id, e)
+        return None
+
+
+def _start_on_running_loop(coro) -> asyncio.Task | None:
+    """Serve runs the constructor and __del__ on the replica's event loop: schedule `coro` there."""
+    try:
+        return asyncio.get_running_loop().create_task(coro)
+    except RuntimeError:  # no running loop (constructed outside Serve): the caller awaits it itself
+        coro.close()
+        return None
 
 
 def _replica_unique_id() -> str:

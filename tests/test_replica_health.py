@@ -1,0 +1,110 @@
+"""LLMReplica health and queue stats outside Serve: stall / dead-loop detection, fault injection gate,
+the TP-worker hook, and the waiting figure reported to the autoscaler."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.config import load_config
+from replicas import deployment
+from replicas.deployment import LLMReplica, ReplicaUnhealthy
+from replicas.protocol import GenerationRequest, SamplingParams
+
+
+@pytest.fixture
+def replica(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(deployment.FAULT_INJECTION_ENV, "1")
+    exits: list[int] = []
+    monkeypatch.setattr(deployment, "_exit_process", lambda: exits.append(1))
+    cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.device": "cpu",
+                                 "engine.num_kv_blocks": 64, "engine.block_size": 4,
+                                 "replicas.stall_timeout_s": 0.3})
+    r = LLMReplica(cfg)
+    r.exits = exits
+    yield r
+    r.engine.shutdown(timeout=0.5)
+
+
+def req(rid: str, max_tokens: int = 4) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt_token_ids=[1, 2, 3, 4, 5],
+                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+async def drain(replica, rid, max_tokens=4):
+    return [c async for c in replica.generate(req(rid, max_tokens))]
+
+
+async def test_healthy_replica_passes_while_serving(replica):
+    task = asyncio.create_task(drain(replica, "a", 32))
+    for _ in range(5):
+        await replica.check_health()
+        await asyncio.sleep(0.1)
+    chunks = await asyncio.wait_for(task, 30)
+    assert chunks[-1].usage.completion_tokens == 32
+    await asyncio.sleep(0.5)  # idle longer than stall_timeout_s: idle is not a stall
+    await replica.check_health()
+    assert replica.exits == []
+
+
+async def test_stalled_loop_with_work_exits(replica):
+    await drain(replica, "warm")
+    assert replica._inject_fault("stall") == replica.replica_id
+    task = asyncio.create_task(drain(replica, "stuck"))
+    await asyncio.sleep(0.1)
+    await replica.check_health()                    # stalled, but not for stall_timeout_s yet
+    assert replica.exits == []
+    await asyncio.sleep(0.4)
+    with pytest.raises(ReplicaUnhealthy, match="not ticked"):
+        await replica.check_health()
+    assert replica.exits == [1]
+    assert not task.done()                          # the stream would hang: hence exiting the process
+    task.cancel()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected crash
+async def test_dead_loop_thread_exits(replica):
+    replica._inject_fault("crash")
+    task = asyncio.create_task(drain(replica, "x"))
+    deadline = time.monotonic() + 5
+    while replica.engine.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    with pytest.raises(ReplicaUnhealthy, match="thread is dead"):
+        await replica.check_health()
+    assert replica.exits == [1]
+    task.cancel()
+
+
+async def test_tp_worker_hook_failure_exits(replica):
+    calls = []
+
+    def check_workers(timeout_s):
+        calls.append(timeout_s)
+        raise RuntimeError("worker rank 1 died")
+    replica.engine.check_workers = check_workers
+    with pytest.raises(ReplicaUnhealthy, match="worker rank 1 died"):
+        await replica.check_health()
+    assert calls and calls[0] > 0 and replica.exits == [1]
+
+
+def test_fault_injection_needs_the_env_gate(replica, monkeypatch):
+    monkeypatch.delenv(deployment.FAULT_INJECTION_ENV)
+    with pytest.raises(PermissionError):
+        replica._inject_fault("stall")
+    monkeypatch.setenv(deployment.FAULT_INJECTION_ENV, "1")
+    with pytest.raises(ValueError):
+        replica._inject_fault("melt")
+
+
+async def test_streams_not_yet_in_the_scheduler_count_as_waiting(replica):
+    replica._inject_fault("stall")
+    tasks = [asyncio.create_task(drain(replica, f"r{i}")) for i in range(3)]
+    await asyncio.sleep(0.2)
+    stats = replica.record_autoscaling_stats()
+    assert set(stats) == {"waiting", "running", "pending_prefill_tokens"}
+    assert all(isinstance(v, float) for v in stats.values())
+    # However the stuck loop took them in, all three are queued work for the autoscaler.
+    assert stats["waiting"] + stats["running"] == 3
+    for t in tasks:
+        t.cancel()
