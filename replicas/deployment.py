@@ -42,7 +42,7 @@ class LLMReplica:
         self.epoch = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
         # KV block events -> the prefix index the routers read (only when Redis is configured).
         self.publisher = _kv_publisher(config, self.engine_config, self.replica_id, self.epoch)
-        hooks = {} if True else {"on_blocks_stored": self.publisher.on_blocks_stored,
+        hooks = {} if self.publisher is None else {"on_blocks_stored": self.publisher.on_blocks_stored,
                                                    "on_blocks_evicted": self.publisher.on_blocks_evicted}
         self.engine = AsyncLLMEngine(self.engine_config, **hooks)
         if self.publisher is not None:
