@@ -176,6 +176,7 @@ class RedisPrefixIndex:
         self.key_prefix = key_prefix
         self.lookup_failures = 0
         self._skip_until = 0.0
+        self._ok = True  # last lookup succeeded: log transitions only, not every failed lookup
         # No client-side retries: a timed-out or refused command reconnects on the next call instead
         # of spending this one's budget. No CLIENT SETINFO: one round trip less per (re)connect.
         self._redis = aioredis.Redis.from_url(
@@ -207,8 +208,13 @@ class RedisPrefixIndex:
         except Exception as e:  # noqa: BLE001 — any Redis trouble means "unknown", never an error
             self.lookup_failures += 1
             self._skip_until = time.monotonic() + self.breaker_s
-            log.debug("prefix lookup failed (%r); routing by load for %.1fs", e, self.breaker_s)
+            if self._ok:
+                self._ok = False
+                log.warning("prefix index lookup failed (%r): routing by load until it answers", e)
             return None
+        if not self._ok:
+            self._ok = True
+            log.warning("prefix index answers again")
         return dict(zip(replica_ids, held))
 
     async def add(self, model_id, replica_id, epoch, hashes) -> None:
