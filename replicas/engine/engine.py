@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 from transformers import AutoTokenizer
@@ -191,13 +192,14 @@ class LLMEngine:
             self.num_steps += 1
             self.last_step_unix = time.time()
             try:
-                seqs, logits = self.runner.run(batch.seqs, batch.num_tokens)
-                for seq, n in zip(batch.seqs, batch.num_tokens):
-                    seq.num_computed_tokens += n
-                self.num_computed_tokens += sum(batch.num_tokens)
-                if seqs:
-                    rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
-                    out = self.sampler(logits, SamplingBatch.build(rows, logits.device))
+                with torch.inference_mode():  # the sampler edits the logits in place
+                    seqs, logits = self.runner.run(batch.seqs, batch.num_tokens)
+                    for seq, n in zip(batch.seqs, batch.num_tokens):
+                        seq.num_computed_tokens += n
+                    self.num_computed_tokens += sum(batch.num_tokens)
+                    if seqs:
+                        rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
+                        out = self.sampler(logits, SamplingBatch.build(rows, logits.device))
             except Exception as exc:  # the whole batch's requests fail; the engine keeps serving
                 log.exception("engine step failed; failing %d sequences", len(batch.seqs))
                 for rid in {s.request_id for s in batch.seqs}:

@@ -67,10 +67,9 @@ class ModelRunner:
             layer.self_attn.v_cache = self.kv_cache[1, i]
         return num_blocks
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Compute `num_tokens[i]` tokens of each `seqs[i]`; return the sequences whose prompt+output is
-        now fully computed (they sample next) and their logits [R, V] (fp32)."""
+        now fully computed (they sample next) and their logits [R, V] (fp32). Call under inference_mode."""
         # Decodes first: the attention packs them into one batched call.
         order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] != 1)
         ids, positions, starts, lengths, tables, sample_rows, samplers = [], [], [], [], [], [], []
