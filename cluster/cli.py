@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--address", default="auto", help="Ray address of the running cluster")
     p_status.add_argument("--json", action="store_true")
     p_status.add_argument("--app", default="llm-cluster")
+    p_status.add_argument("--redis-url", help="Redis to PING (default: REDIS_URL, else asked of the cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_embedded_model(force=args.force))
         elif args.cmd == "status":
             from cluster.status import collect_status, render_table
-            report = collect_status(address=args.address, app_name=args.app)
+            report = collect_status(address=args.address, app_name=args.app, redis_url=args.redis_url)
             print(json.dumps(report, indent=2, default=str) if args.json else render_table(report))
     except ConfigError as e:
         print(f"llm-cluster: {e}", file=sys.stderr)

@@ -1,0 +1,201 @@
+"""`llm-cluster status`: the table from a crafted report, Redis checks against a real Redis, and
+collect_status on a live local Serve cluster (an LLMReplica-named deployment with a stats() method,
+so the Serve side is real whatever engine is behind it), including through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.status import check_redis, collect_status, redact_url, render_table
+from tests.fixtures.ray_cluster import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stats(rid, **kw):
+    base = dict(num_waiting=2, num_running=5, pending_prefill_tokens=480, kv_blocks_total=1000,
+                kv_blocks_free=650, kv_usage=0.35, prefix_query_tokens=4000, prefix_hit_tokens=3000,
+                num_preemptions=0, replica_id=rid, node_id="n" * 56, tp_size=2, draining=False)
+    return {**base, **kw}
+
+
+CRAFTED = {
+    "app": "llm-cluster", "collected_at": "2026-11-21T10:00:00", "status": "RUNNING", "message": "",
+    "deployments": {
+        "LLMReplica": {"status": "UPSCALING", "message": "", "replica_states": {"RUNNING": 2, "STARTING": 1},
+                       "running_replicas": 2, "target_replicas": 3},
+        "OpenAIIngress": {"status": "HEALTHY", "message": "", "replica_states": {"RUNNING": 1},
+                          "running_replicas": 1, "target_replicas": 1},
+    },
+    "replicas": [
+        {"replica_id": "aaaa1111", "state": "RUNNING", "node_ip": "10.0.0.5", "health": "healthy",
+         "stats": _stats("aaaa1111"), "hit_rate": 0.75, "error": None},
+        {"replica_id": "bbbb2222", "state": "RUNNING", "node_ip": "10.0.0.6", "health": "draining",
+         "stats": _stats("bbbb2222", draining=True, kv_usage=0.9, num_waiting=0), "hit_rate": None, "error": None},
+        {"replica_id": "cccc3333", "state": "RUNNING", "node_ip": "10.0.0.7", "health": "no-stats",
+         "stats": None, "hit_rate": None, "error": "RayTaskError: engine wedged"},
+        {"replica_id": "dddd4444", "state": "STARTING", "node_id": "f00d" * 14, "health": "starting",
+         "stats": None, "hit_rate": None, "error": None},
+    ],
+    "autoscaler": {"enabled": True, "min_replicas": 1, "max_replicas": 4, "target_replicas": 3,
+                   "running_replicas": 2, "scaling_status": "UPSCALING",
+                   "last_decision": {"prev_num_replicas": 2, "curr_num_replicas": 3, "reason": "queue depth"}},
+    "redis": {"url": "redis://:***@redis:6379/0", "reachable": True, "latency_ms": 0.42, "error": None},
+}
+
+
+def test_render_table_from_crafted_report():
+    text = render_table(CRAFTED)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("REPLICA"))
+    cols = ["REPLICA", "NODE", "TP", "HEALTH", "WAIT/RUN", "PREFILL", "KV USE", "HIT RATE"]
+    starts = [header.index(c) for c in cols]
+    assert starts == sorted(starts)
+
+    def row(rid):
+        line = next(line for line in lines if line.startswith(rid))
+        return [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+
+    assert row("aaaa1111") == ["aaaa1111", "10.0.0.5", "2", "healthy", "2/5", "480", "35.0%", "75.0%"]
+    assert row("bbbb2222") == ["bbbb2222", "10.0.0.6", "2", "draining", "0/5", "480", "90.0%", "-"]
+    assert row("cccc3333") == ["cccc3333", "10.0.0.7", "-", "no-stats", "-", "-", "-", "-"]
+    assert row("dddd4444")[1:4] == ["f00df00df00d", "-", "starting"]
+    assert "  cccc3333: RayTaskError: engine wedged" in lines
+    assert any(line.split()[:4] == ["LLMReplica", "UPSCALING", "2/3", "RUNNING=2"] for line in lines)
+    assert "autoscaler: on  target=3 running=2 range=[1, 4] UPSCALING  last: 2->3 (queue depth)" in lines
+    assert "redis: redis://:***@redis:6379/0  reachable (0.42 ms)" in lines
+
+
+def test_render_table_autoscaler_off_redis_down_and_errors():
+    report = {**CRAFTED, "replicas": [],
+              "autoscaler": {"enabled": False, "target_replicas": 2},
+              "redis": {"url": "redis://r:6379/0", "reachable": False, "error": "ConnectionError: refused"}}
+    lines = render_table(report).splitlines()
+    assert "autoscaler: off  replicas=2" in lines
+    assert "redis: redis://r:6379/0  UNREACHABLE  ConnectionError: refused" in lines
+    assert any(line.startswith("(none)") for line in lines)
+
+    down = render_table({"app": "x", "collected_at": "t", "error": "no Serve application named 'x'"})
+    assert down.splitlines()[-1] == "error: no Serve application named 'x'"
+
+
+def test_redact_url():
+    assert redact_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("rediss://user:pw@h:6380") == "rediss://user:***@h:6380"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_check_redis_reachable_and_not(redis_url):
+    up = check_redis(redis_url)
+    assert up["reachable"] is True and up["latency_ms"] >= 0 and up["error"] is None
+    down = check_redis(f"redis://:pw@127.0.0.1:{free_port()}/0", timeout_s=1)
+    assert down["reachable"] is False and "Error" in down["error"] and "pw" not in down["url"]
+
+
+# ---------------------------------------------------------------- live cluster
+
+
+class FakeLLMReplica:
+    """Answers what the real LLMReplica answers to `status`, from fixed numbers (no engine)."""
+
+    def __init__(self, redis_url, fail=False):
+        from ray import serve
+        self.rid = serve.get_replica_context().replica_id.unique_id
+        self.redis_url, self.fail = redis_url, fail
+
+    async def stats(self):
+        if self.fail:
+            raise RuntimeError("engine wedged")
+        import ray
+        return _stats(self.rid, tp_size=1, node_id=ray.get_runtime_context().get_node_id())
+
+    async def model_info(self):
+        return {"model_id": "fake", "replica_id": self.rid, "redis_url": self.redis_url}
+
+
+class Ingress:
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    async def __call__(self, request):
+        return "ok"
+
+
+def _run_fake_app(name, redis_url, fail=False, **replica_opts):
+    from ray import serve
+    replica = serve.deployment(FakeLLMReplica).options(name="LLMReplica", ray_actor_options={"num_cpus": 0},
+                                                        **replica_opts)
+    ingress = serve.deployment(Ingress).options(name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
+    serve.run(ingress.bind(replica.bind(redis_url, fail)), name=name, route_prefix=f"/{name}", blocking=False)
+    deadline = time.monotonic() + 60
+    while serve.status().applications[name].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status().applications[name]
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def fake_app(ray_cluster, redis_url, monkeypatch):
+    from ray import serve
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    names = []
+
+    def run(name, **kw):
+        names.append(name)
+        _run_fake_app(name, redis_url, **kw)
+        return name
+    yield run
+    for name in names:
+        serve.delete(name)
+
+
+@pytest.mark.ray
+def test_collect_status_live(fake_app, redis_url):
+    app = fake_app("status-live", autoscaling_config={"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2})
+    report = collect_status(app_name=app)
+    assert report["status"] == "RUNNING" and "error" not in report
+    d = report["deployments"]["LLMReplica"]
+    assert d["status"] == "HEALTHY" and d["running_replicas"] == 2
+    assert len(report["replicas"]) == 2
+    for r in report["replicas"]:
+        assert r["state"] == "RUNNING" and r["health"] == "healthy" and r["pid"] > 0
+        assert r["stats"]["replica_id"] == r["replica_id"] and r["hit_rate"] == 0.75
+    assert report["autoscaler"]["enabled"] and report["autoscaler"]["max_replicas"] == 3
+    assert report["autoscaler"]["target_replicas"] == 2
+    # redis_url came from a replica's model_info() (nothing passed, no REDIS_URL)
+    assert report["redis"]["reachable"] is True and report["redis"]["url"] == redis_url
+    table = render_table(report)
+    assert sum(" healthy " in line for line in table.splitlines()) == 2
+
+    unknown = collect_status(app_name="no-such-app")
+    assert unknown["error"] == "no Serve application named 'no-such-app'"
+
+
+@pytest.mark.ray
+def test_collect_status_replica_without_stats(fake_app):
+    app = fake_app("status-fail", fail=True, num_replicas=1)
+    report = collect_status(app_name=app, redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=5)
+    [r] = report["replicas"]
+    assert r["health"] == "no-stats" and "engine wedged" in r["error"]
+    assert report["redis"]["reachable"] is False
+
+
+@pytest.mark.ray
+def test_cli_status_json_from_another_process(fake_app, redis_url):
+    import ray
+    app = fake_app("status-cli", num_replicas=1)
+    gcs = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", gcs, "--app", app,
+                          "--redis-url", redis_url, "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["status"] == "RUNNING" and [r["health"] for r in report["replicas"]] == ["healthy"]
+    assert report["redis"]["reachable"] is True
