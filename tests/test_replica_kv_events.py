@@ -1,0 +1,74 @@
+"""LLMReplica -> prefix index wiring outside Serve: the engine's block events reach Redis under the
+replica's id and epoch, shutdown removes them, and a missing or dead Redis never affects serving."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cluster.config import load_config
+from cluster.model_prep import served_model_id
+from kvstore.hashing import block_hashes, extra_key
+from kvstore.index import RedisPrefixIndex
+from replicas.deployment import LLMReplica
+from replicas.protocol import GenerationRequest, SamplingParams
+from tests.fixtures.ray_cluster import free_port
+
+PROMPT = list(range(10, 23))  # 3 full blocks of 4
+
+
+def make_replica(model_dir, redis_url) -> LLMReplica:
+    cfg = load_config(overrides={"engine.model": str(model_dir), "engine.device": "cpu", "engine.block_size": 4,
+                                 "engine.num_kv_blocks": 64, "redis_url": redis_url})
+    return LLMReplica(cfg)
+
+
+async def generate(replica: LLMReplica, rid: str):
+    req = GenerationRequest(request_id=rid, prompt_token_ids=PROMPT,
+                            sampling=SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    return [c async for c in replica.generate(req)]
+
+
+async def held(index, replica) -> int:
+    model = served_model_id(replica.engine_config)
+    hashes = block_hashes(PROMPT, 4, extra_key(model))
+    return (await index.lookup(model, hashes, [replica.replica_id]))[replica.replica_id]
+
+
+async def test_replica_publishes_blocks_and_drops_them_on_shutdown(tiny_model_dir, redis_url):
+    replica = make_replica(tiny_model_dir, redis_url)
+    index = RedisPrefixIndex(redis_url, timeout_s=1.0)
+    try:
+        deadline = time.monotonic() + 10
+        while replica.publisher.resyncs == 0:  # its start-up snapshot (of an empty cache) is done:
+            assert time.monotonic() < deadline  # from here on only block events can add entries
+            await asyncio.sleep(0.02)
+        chunks = await generate(replica, "a")
+        assert chunks[-1].usage.completion_tokens == 3
+        deadline = time.monotonic() + 10
+        while await held(index, replica) != 3:
+            assert time.monotonic() < deadline, "the replica's blocks never reached the index"
+            await asyncio.sleep(0.05)
+        replica.__del__()  # what Serve calls on shutdown
+        await asyncio.wait_for(replica._publisher_task, 5)
+        assert await held(index, replica) == 0
+    finally:
+        replica.engine.shutdown(timeout=1)
+        await index.close()
+
+
+async def test_dead_or_bad_redis_never_affects_serving(tiny_model_dir):
+    dead = make_replica(tiny_model_dir, f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    bad = make_replica(tiny_model_dir, "not-a-url://x")
+    try:
+        assert bad.publisher is None
+        for replica in (dead, bad):
+            t0 = time.perf_counter()
+            chunks = await asyncio.wait_for(generate(replica, "a"), 30)
+            assert chunks[-1].usage.completion_tokens == 3 and time.perf_counter() - t0 < 10
+        await asyncio.sleep(0.2)
+        assert dead.publisher.errors >= 1  # it tried, failed, and the engine never noticed
+        dead.__del__()
+        await asyncio.wait_for(dead._publisher_task, 5)  # stop never raises, even with Redis gone
+    finally:
+        for replica in (dead, bad):
+            replica.engine.shutdown(timeout=1)
