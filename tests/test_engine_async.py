@@ -1,0 +1,128 @@
+"""AsyncLLMEngine: concurrent streams, cancellation frees blocks, a bad request fails alone, the loop
+survives a failing forward and ticks when idle."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from replicas.engine.async_engine import AsyncLLMEngine, EngineShutdown
+from replicas.engine.config import EngineConfig
+from replicas.protocol import EngineError
+from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, tokens_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def aengine(tiny_model_dir):
+    e = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=128, block_size=4, device="cpu"))
+    yield e
+    e.shutdown()
+    assert not e.is_alive()
+
+
+async def _collect(engine, req):
+    return [c async for c in engine.generate(req)]
+
+
+async def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_streams_match_sync_engine(tiny_model_dir, aengine):
+    prompts = random_prompts(6, aengine.engine.vocab_size, 3, 25, seed=21)
+    reqs = [request(i, p, greedy(8)) for i, p in enumerate(prompts)]
+    results = await asyncio.gather(*(_collect(aengine, r) for r in reqs))
+    expected = run_all(make_engine(tiny_model_dir, num_kv_blocks=128), [r.model_copy() for r in reqs])
+    for r, chunks in zip(reqs, results):
+        assert tokens_of(chunks) == tokens_of(expected[r.request_id])
+        assert chunks[-1].usage is not None and chunks[-1].finish_reason == "length"
+    assert aengine.engine.stats().steps < 6 * 8  # they were batched, not run one after another
+
+
+async def test_cancelled_consumer_aborts_and_frees_blocks(aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 20, 20, seed=22)[0]
+    got = []
+
+    async def consume():
+        async for c in aengine.generate(request("long", prompt, greedy(400))):
+            got.append(c)
+
+    task = asyncio.create_task(consume())
+    await _until(lambda: len(got) >= 3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    total = aengine.stats().kv_blocks_total
+    await _until(lambda: not aengine.engine.has_unfinished() and aengine.stats().kv_blocks_free == total)
+
+
+async def test_closed_generator_aborts(aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 10, 10, seed=23)[0]
+    gen = aengine.generate(request("closed", prompt, greedy(400)))
+    await gen.__anext__()
+    await gen.aclose()
+    await _until(lambda: not aengine.engine.has_unfinished())
+
+
+async def test_bad_request_fails_alone(aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 10, 10, seed=24)[0]
+    bad = request("bad", [5] * aengine.max_model_len, greedy(4))
+    good, failed = await asyncio.gather(_collect(aengine, request("good", prompt, greedy(6))),
+                                        _collect(aengine, bad), return_exceptions=True)
+    assert isinstance(failed, EngineError) and "context length" in str(failed)
+    assert len(tokens_of(good)) == 6
+
+
+async def test_forward_error_fails_batch_loop_survives(aengine, monkeypatch):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 10, 10, seed=25)[0]
+    model = aengine.engine.runner.model
+    real = model.forward
+
+    def broken(*a, **k):
+        raise RuntimeError("device lost")
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        await _collect(aengine, request("a", prompt, greedy(4)))
+    monkeypatch.setattr(model, "forward", real)
+    assert len(tokens_of(await _collect(aengine, request("b", prompt, greedy(4))))) == 4
+    assert aengine.is_alive()
+
+
+async def test_abort_from_outside_ends_the_stream(aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 10, 10, seed=26)[0]
+    got = []
+
+    async def consume():
+        async for c in aengine.generate(request("x", prompt, greedy(400))):
+            got.append(c)
+
+    task = asyncio.create_task(consume())
+    await _until(lambda: len(got) >= 2)
+    aengine.abort("x")
+    await asyncio.wait_for(task, 10)
+    assert got[-1].finish_reason == "abort" and got[-1].usage.completion_tokens >= 2
+
+
+async def test_heartbeat_ticks_when_idle(aengine):
+    first = aengine.heartbeat
+    await asyncio.sleep(1.2)
+    assert aengine.heartbeat > first
+    assert time.monotonic() - aengine.heartbeat < 1.0
+
+
+async def test_shutdown_fails_open_streams(tiny_model_dir):
+    e = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=128, block_size=4, device="cpu"))
+    prompt = random_prompts(1, e.engine.vocab_size, 10, 10, seed=27)[0]
+    task = asyncio.create_task(_collect(e, request("s", prompt, greedy(400))))
+    await _until(lambda: e.engine.has_unfinished())
+    await asyncio.to_thread(e.shutdown)
+    with pytest.raises(EngineShutdown):
+        await asyncio.wait_for(task, 10)
+    with pytest.raises(EngineShutdown):
+        await _collect(e, request("late", prompt))
