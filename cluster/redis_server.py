@@ -87,7 +87,10 @@ class EmbeddedRedis:
             self._proc = subprocess.Popen(
                 [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", self._dir, "--daemonize", "no", "--protected-mode", "yes"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                # Own session: a terminal Ctrl-C reaches the launcher only, which stops Serve (replicas
+                # drop their index entries) before it stops Redis.
+                start_new_session=True)
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout_s
