@@ -1,4 +1,5 @@
-"""KVAwareRouter decisions with fake replicas and the in-process prefix index (no Ray cluster)."""
+"""KVAwareRouter (and its ReplicaChooser) decisions with fake replicas and the in-process prefix index
+(no Ray cluster); the config Serve ships to every handle's process."""
 from __future__ import annotations
 
 import asyncio
@@ -7,15 +8,18 @@ import itertools
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
 from cluster.config import load_config
+from cluster.metrics import MetricsRecorder
 from cluster.model_prep import EMBEDDED_MODEL, served_model_id
 from kvstore.hashing import block_hashes, extra_key
 from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
 from replicas.protocol import GenerationRequest
-from router.routing import KVAwareRouter, RoutingParams, router_config, router_counters
+from router.replica_choice import METRICS, RoutingParams, router_counters
+from router.routing import KVAwareRouter, router_config
 
 MODEL = "m"
 BS = 4
@@ -34,9 +38,15 @@ class FakeReplica:
 
 def make_router(policy="prefix", index=None, **params) -> KVAwareRouter:
     r = KVAwareRouter(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
+    r.registry = CollectorRegistry()
     r.initialize_state(index=InMemoryPrefixIndex() if index is None else index, policy=policy,
-                       model_id=MODEL, block_size=BS, **params)
+                       model_id=MODEL, block_size=BS, metrics=MetricsRecorder(METRICS, ray=False, registry=r.registry),
+                       **params)
     return r
+
+
+def metric(router, name: str, **labels) -> float:
+    return router.registry.get_sample_value(name, labels) or 0.0
 
 
 def pending(tokens: list[int], *, with_hashes: bool = True) -> PendingRequest:
@@ -80,6 +90,10 @@ async def test_longest_prefix_holder_wins_when_load_is_similar():
         best, groups = await choose(router, [c, b, a], pending(PROMPT))
         assert best == "a"
         assert [r.replica_id.unique_id for r in groups[1]] == ["b", "c"]  # fallbacks ranked too
+    assert router.chooser.outcomes == {"cache_hit": 20}
+    assert metric(router, "llmc_routing_decisions_total", policy="prefix", outcome="cache_hit") == 20
+    assert metric(router, "llmc_router_prefix_hit_tokens_total", policy="prefix") == 20 * 24
+    assert metric(router, "llmc_router_prefix_query_tokens_total", policy="prefix") == 20 * len(PROMPT)
 
 
 async def test_much_more_loaded_holder_loses_but_a_little_more_loaded_one_wins():
@@ -97,6 +111,7 @@ async def test_much_more_loaded_holder_loses_but_a_little_more_loaded_one_wins()
     a.routing_stats = dict(waiting=8, running=4, pending_prefill_tokens=2000)
     best, groups = await choose(router, [a, b, c], pending(PROMPT))
     assert best == "c" and [r.replica_id.unique_id for r in groups[1]] == ["b", "a"]
+    assert router.chooser.outcomes == {"load_override": 2, "cache_hit": 1}
 
 
 async def test_ties_are_randomised():
@@ -106,6 +121,7 @@ async def test_ties_are_randomised():
     for _ in range(300):
         wins[(await choose(router, replicas, pending(PROMPT)))[0]] += 1
     assert set(wins) == {"a", "b", "c"} and min(wins.values()) > 60, wins
+    assert router.chooser.outcomes == {"cache_miss": 300}
 
 
 async def test_hot_holder_is_gated_by_load_bound():
@@ -155,10 +171,11 @@ class DeadIndex:
 async def test_index_unavailable_routes_by_load_and_counts_fallbacks():
     a, b = FakeReplica("a", running=6, pending_prefill_tokens=300), FakeReplica("b", running=1)
     router = make_router(index=DeadIndex())
-    before = router_counters()["fallbacks"]
+    before = router_counters()["index_fallback"]
     for _ in range(5):
         assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
-    assert router.fallbacks == 5 and router_counters()["fallbacks"] - before == 5
+    assert router.chooser.outcomes == {"index_fallback": 5} and router_counters()["index_fallback"] - before == 5
+    assert metric(router, "llmc_redis_fallbacks_total", component="router", reason="error") == 5
 
 
 async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redis_url):
@@ -174,7 +191,8 @@ async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redi
             t0 = time.perf_counter()
             best, _ = await choose(router, [a, b], pending(PROMPT))
             assert time.perf_counter() - t0 < 0.2 and best == "b"  # load only
-        assert router.fallbacks == 20
+        assert router.chooser.outcomes["index_fallback"] == 20
+        assert metric(router, "llmc_redis_fallbacks_total", component="router", reason="timeout") >= 1
     finally:
         redis_server.resume()
     deadline = time.monotonic() + 5
@@ -199,6 +217,7 @@ async def test_pow2_never_picks_the_busiest_and_ignores_cache():
     router = make_router(policy="pow2", index=index)
     wins = collections.Counter([(await choose(router, replicas, pending(PROMPT)))[0] for _ in range(100)])
     assert wins["busy"] == 0 and wins["x"] > 20 and wins["y"] > 20
+    assert router.chooser.outcomes == {"no_lookup": 100}
 
 
 async def test_own_assignments_follow_serve_and_are_released():
@@ -207,16 +226,17 @@ async def test_own_assignments_follow_serve_and_are_released():
     pr = pending(PROMPT)
     best, groups = await choose(router, [a, b], pr, complete=False)
     other = groups[1][0]
-    assert router._inflight[best] == 1
+    c = router.chooser
+    assert c.inflight(best) == 1
     router.on_request_routed(pr, other.replica_id, None)  # Serve used the fallback group
-    assert router._inflight[best] == 0 and router._inflight[other.replica_id.unique_id] == 1
+    assert c.inflight(best) == 0 and c.inflight(other.replica_id.unique_id) == 1
     router.on_request_completed(other.replica_id, pr.metadata.internal_request_id)
-    assert router._inflight[other.replica_id.unique_id] == 0
+    assert c.inflight(other.replica_id.unique_id) == 0
     pr2 = pending(PROMPT)  # a caller that gives up before Serve sends its request
     best2, _ = await choose(router, [a, b], pr2, complete=False)
     pr2.future.cancel()
     await asyncio.sleep(0)
-    assert router._inflight[best2] == 0 and not router._assigned
+    assert c.inflight(best2) == 0 and not c.is_assigned(pr2.metadata.internal_request_id)
 
 
 async def test_hashes_computed_when_the_ingress_sent_none():
@@ -233,18 +253,31 @@ async def test_non_generation_calls_route_by_load():
     pr = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(
         request_id="x", internal_request_id="x", call_method="model_info"))
     groups = await router.choose_replicas([a, b], pr)
-    assert groups[0][0].replica_id.unique_id == "b" and not router._assigned
+    assert groups[0][0].replica_id.unique_id == "b" and not router.chooser.is_assigned("x")
 
 
 def test_router_config_from_cluster_config():
     cfg = load_config(overrides={"router.policy": "pow2", "redis_url": "redis://127.0.0.1:1",
                                  "engine.block_size": 32, "router.redis_timeout_ms": 7})
     rc = router_config(cfg)
-    assert rc.request_router_class is KVAwareRouter or rc.request_router_class.endswith("KVAwareRouter")
+    assert rc.request_router_class == "router.routing.KVAwareRouter"
     p = RoutingParams.model_validate(rc.request_router_kwargs)
     assert (p.policy, p.model_id, p.block_size, p.redis_url, p.redis_timeout_ms) == \
         ("pow2", EMBEDDED_MODEL, 32, "redis://127.0.0.1:1", 7)
     assert rc.request_routing_stats_period_s <= 1
+
+
+async def test_shipped_router_class_works_and_shares_process_state():
+    """Serve pickles router.routing by value into every handle's process: the copy must build, route,
+    and count into the same process-wide counters as the original (they live in replica_choice)."""
+    rc = router_config(load_config(overrides={"engine.block_size": BS}))
+    cls = rc.get_request_router_class()
+    router = cls(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(**rc.request_router_kwargs)  # no redis_url: every decision is load-only
+    before = router_counters()["index_fallback"]
+    a, b = FakeReplica("a", running=3), FakeReplica("b")
+    assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
+    assert router_counters()["index_fallback"] == before + 1
 
 
 def test_served_model_id():

@@ -1,0 +1,261 @@
+"""ReplicaChooser: the replica-choice policies and this router's own load bookkeeping, free of Serve types.
+
+Policies (`router.policy`):
+  round_robin  candidates in turn.
+  pow2         two random candidates; the one with less queued work.
+  prefix       one prefix-index lookup over all candidates, then per candidate
+                   score = prefix_weight * cached prompt tokens - queued work (in tokens)
+               queued work = pending prefill tokens + request_cost_tokens * requests (waiting + running).
+               A cached prefix therefore wins until waiting behind its holder costs more than the
+               prefill it saves. Hot spots: a candidate running more than
+               max(balance_slack, balance_ratio * mean) requests above the least-loaded candidate is
+               ranked behind every candidate within that bound (per candidate, never fleet-wide).
+Ties break at random.
+
+Load = each replica's routing stats (`LLMReplica.record_routing_stats`, refreshed every stats period)
+plus this chooser's own assignments, counted the moment it decides, so that a burst does not pile onto
+one replica before the stats catch up. A slow or absent index (lookup -> None) means load-only choice.
+Every decision is counted by outcome (cluster.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
+and in `outcomes`.
+
+`router.routing.KVAwareRouter` adapts this to Serve's RequestRouter. Serve ships that module by value
+to every process holding a handle; this one travels by reference, so its state (`router_counters`) is
+shared by all routers of a process.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+import time
+import weakref
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvstore.hashing import block_hashes, extra_key
+from replicas.protocol import GenerationRequest
+
+if TYPE_CHECKING:
+    from kvstore.index import PrefixIndex
+
+log = logging.getLogger("ray.serve")
+
+STATS_PERIOD_S = 0.5  # replicas' record_routing_stats period
+METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_total",
+           "llmc_router_prefix_hit_tokens_total", "llmc_redis_fallbacks_total")
+
+
+class RoutingParams(BaseModel):
+    """The router's knobs; shipped as `request_router_kwargs` (JSON) by `router.routing.router_config`."""
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["round_robin", "pow2", "prefix"] = "prefix"
+    model_id: str = Field(description="Served model id: the prefix index namespace and block-hash extra key.")
+    block_size: int = Field(16, ge=1)
+    redis_url: str | None = None
+    redis_timeout_ms: float = Field(5.0, gt=0)
+    prefix_weight: float = Field(1.0, ge=0, description="Value of one cached token vs one queued token.")
+    request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
+                                       "beyond its pending prefill, in prefill tokens.")
+    balance_slack: float = Field(2.0, ge=0, description="Requests a candidate may run above the least-loaded "
+                                 "one and still be preferred for its cache ...")
+    balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
+    fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
+                           "as this router's own (after that the replica's stats include it).")
+
+
+class _Assignment:
+    __slots__ = ("replica", "tokens", "t", "fresh")
+
+    def __init__(self, replica: str, tokens: int, t: float):
+        self.replica, self.tokens, self.t, self.fresh = replica, tokens, t, True
+
+
+_LIVE: "weakref.WeakSet[ReplicaChooser]" = weakref.WeakSet()
+
+
+def router_counters() -> collections.Counter:
+    """Decisions by outcome, summed over the choosers alive in this process (tests, debugging)."""
+    out: collections.Counter = collections.Counter()
+    for c in list(_LIVE):
+        out.update(c.outcomes)
+    return out
+
+
+class ReplicaChooser:
+    def __init__(self, params: RoutingParams, index: "PrefixIndex | None" = None, metrics=None):
+        """`index` and `metrics` (a cluster.metrics.MetricsRecorder) are for tests; by default a
+        RedisPrefixIndex on `redis_url` is made on first use (on the caller's loop, where its
+        connections live) and metrics go to Ray's exporter."""
+        self.params = params
+        self._index = index
+        self._extra = extra_key(params.model_id)
+        self._rr = itertools.count(random.randrange(1 << 16))  # routers don't all start at replica 0
+        self._assigned: dict[str, _Assignment] = {}  # request id -> where this chooser sent it
+        self._inflight: defaultdict[str, int] = defaultdict(int)
+        self._fresh_tokens: defaultdict[str, int] = defaultdict(int)
+        self._fresh: deque[_Assignment] = deque()
+        self.outcomes: collections.Counter = collections.Counter()
+        self._metrics = metrics if metrics is not None else _recorder()
+        _LIVE.add(self)
+
+    # ---------------------------------------------------------------- the decision
+
+    async def choose(self, replica_ids: Sequence[str], stats: Sequence[Mapping[str, Any] | None],
+                     req: GenerationRequest | None = None, request_id: str | None = None) -> list[int]:
+        """Candidate indices, best first. With `request_id` the best one is recorded as this
+        request's assignment until `completed(request_id)` (or `moved`)."""
+        n = len(replica_ids)
+        policy = self.params.policy
+        held: dict[str, int] | None = None  # None: no lookup made (policy, call) or the index failed
+        if policy == "round_robin":
+            i = next(self._rr) % n
+            order = [*range(i, n), *range(i)]
+        else:
+            if policy == "prefix" and req is not None:
+                held = await self._lookup(req, replica_ids)
+            # Loads are read after the lookup's await, so that decisions racing on the loop each see
+            # the assignments the others made.
+            now = time.monotonic()
+            self._expire(now)
+            reqs, work = self._loads(replica_ids, stats)
+            order = self._pow2(work) if policy == "pow2" and n > 1 else self._rank(replica_ids, reqs, work, held or {})
+        if req is not None:
+            best = replica_ids[order[0]]
+            if request_id is not None:
+                self._assign(request_id, best, req, held or {})
+            self._record(req, best, held)
+        return order
+
+    def _rank(self, ids: Sequence[str], reqs: list[float], work: list[float], held: dict[str, int]) -> list[int]:
+        p = self.params
+        bound = min(reqs) + max(p.balance_slack, p.balance_ratio * sum(reqs) / len(reqs))
+        gain = p.prefix_weight * p.block_size
+        keys = [(reqs[i] <= bound, gain * held.get(ids[i], 0) - work[i], random.random()) for i in range(len(ids))]
+        return sorted(range(len(ids)), key=keys.__getitem__, reverse=True)
+
+    @staticmethod
+    def _pow2(work: list[float]) -> list[int]:
+        i, j = random.sample(range(len(work)), 2)
+        if work[j] < work[i]:
+            i, j = j, i
+        return [i, j, *(k for k in range(len(work)) if k != i and k != j)]
+
+    def _loads(self, ids: Sequence[str], stats: Sequence[Mapping[str, Any] | None]) -> tuple[list[float], list[float]]:
+        """(requests, queued work in tokens) per candidate."""
+        cost = self.params.request_cost_tokens
+        reqs, work = [], []
+        for rid, s in zip(ids, stats):
+            s = s or {}  # {} while a new replica has not reported yet
+            r = max(s.get("waiting", 0) + s.get("running", 0), self._inflight.get(rid, 0))
+            reqs.append(r)
+            work.append(s.get("pending_prefill_tokens", 0) + self._fresh_tokens.get(rid, 0) + cost * r)
+        return reqs, work
+
+    async def _lookup(self, req: GenerationRequest, replica_ids: Sequence[str]) -> dict[str, int] | None:
+        hashes = req.block_hashes
+        if hashes is None:  # the ingress normally sends them; hash here rather than route blind
+            hashes = block_hashes(req.prompt_token_ids, self.params.block_size, self._extra)
+        if not hashes:
+            return {}
+        index = self._get_index()
+        if index is None:
+            return None
+        t0 = time.perf_counter()
+        held = await index.lookup(self.params.model_id, hashes, list(replica_ids))
+        if held is None and self._metrics is not None:
+            slow = time.perf_counter() - t0 >= 0.8 * self.params.redis_timeout_ms / 1000
+            self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason="timeout" if slow else "error")
+        return held
+
+    def _get_index(self) -> "PrefixIndex | None":
+        if self._index is None and self.params.redis_url:
+            from kvstore.index import RedisPrefixIndex
+            try:
+                self._index = RedisPrefixIndex(self.params.redis_url, timeout_s=self.params.redis_timeout_ms / 1000)
+            except Exception as e:  # noqa: BLE001 — a bad URL must not fail requests: route by load
+                log.warning("prefix index unavailable (%r): routing by load only", e)
+                self.params = self.params.model_copy(update={"redis_url": None})
+        return self._index
+
+    def _record(self, req: GenerationRequest, rid: str, held: dict[str, int] | None) -> None:
+        policy = self.params.policy
+        if policy != "prefix":
+            outcome = "no_lookup"
+        elif held is None:
+            outcome = "index_fallback"
+        else:
+            mine = held.get(rid, 0)
+            outcome = ("load_override" if max(held.values(), default=0) > mine
+                       else "cache_hit" if mine else "cache_miss")
+        self.outcomes[outcome] += 1
+        m = self._metrics
+        if m is None:
+            return
+        m.inc("llmc_routing_decisions_total", policy=policy, outcome=outcome)
+        if held is not None:
+            m.inc("llmc_router_prefix_query_tokens_total", len(req.prompt_token_ids), policy=policy)
+            if held.get(rid):
+                m.inc("llmc_router_prefix_hit_tokens_total", held[rid] * self.params.block_size, policy=policy)
+
+    # ---------------------------------------------------------------- own assignments
+
+    def _assign(self, request_id: str, rid: str, req: GenerationRequest, held: dict[str, int]) -> None:
+        self.completed(request_id)  # chosen again (Serve retried): move it
+        cached = held.get(rid, 0) * self.params.block_size
+        a = _Assignment(rid, max(0, len(req.prompt_token_ids) - cached), time.monotonic())
+        self._assigned[request_id] = a
+        self._inflight[rid] += 1
+        self._fresh_tokens[rid] += a.tokens
+        self._fresh.append(a)
+
+    def moved(self, request_id: str, rid: str) -> None:
+        """The request went to `rid` after all (Serve took a fallback group)."""
+        a = self._assigned.get(request_id)
+        if a is not None and a.replica != rid:
+            self._release(a)
+            a.replica, a.fresh = rid, False
+            self._inflight[rid] += 1
+
+    def completed(self, request_id: str) -> None:
+        a = self._assigned.pop(request_id, None)
+        if a is not None:
+            self._release(a)
+
+    def is_assigned(self, request_id: str) -> bool:
+        return request_id in self._assigned
+
+    def inflight(self, rid: str) -> int:
+        return self._inflight.get(rid, 0)
+
+    def forget(self, live: set[str]) -> None:
+        """Drop the counters of replicas that are gone."""
+        for table in (self._inflight, self._fresh_tokens):
+            for rid in [k for k in table if k not in live]:
+                del table[rid]
+
+    def _release(self, a: _Assignment) -> None:
+        self._inflight[a.replica] = max(0, self._inflight[a.replica] - 1)
+        if a.fresh:
+            a.fresh = False
+            self._fresh_tokens[a.replica] -= a.tokens
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.params.fresh_s
+        while self._fresh and self._fresh[0].t < horizon:
+            a = self._fresh.popleft()
+            if a.fresh:
+                a.fresh = False
+                self._fresh_tokens[a.replica] -= a.tokens
+
+
+def _recorder():
+    try:
+        from cluster.metrics import MetricsRecorder
+        return MetricsRecorder(METRICS)
+    except Exception as e:  # noqa: BLE001 — metrics are best effort, routing is not
+        log.warning("router metrics unavailable: %r", e)
+        return None
