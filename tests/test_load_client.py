@@ -28,13 +28,13 @@ async def test_ttft_itl_tpot_and_tokens_match_the_server_delays(fake_openai):
     assert s.sent == s.ok == 4 and s.errors == {}
     for r in run.results:
         # the role-only chunk comes at once: it must not count as the first token
-        assert 0.19 <= r.ttft_s <= 0.35
+        assert 0.19 <= r.ttft_s <= 0.5
         assert len(r.itl_s) == 7 and r.output_tokens == 8
-        assert 0.045 <= r.tpot_s <= 0.07
+        assert 0.045 <= r.tpot_s <= 0.1
         assert r.e2e_s >= r.ttft_s + 7 * 0.05 - 0.01
         assert r.prompt_tokens == 3 and r.status == 200
         assert r.request_id.startswith("req-") and r.replica_id in ("replica-a", "replica-b")
-    assert 0.045 <= s.itl_s.p50 <= 0.07 and s.itl_s.count == 28
+    assert 0.045 <= s.itl_s.p50 <= 0.08 and s.itl_s.count == 28
     assert s.output_tokens == 32
     assert run.model == "fake-model"  # discovered from /v1/models
     assert set(s.replicas) == {"replica-a", "replica-b"} and s.max_over_mean_load == pytest.approx(1.0)
@@ -102,11 +102,11 @@ async def test_deadline_cuts_off_in_flight_requests_and_stops_the_run(fake_opena
     wl = _chat(20, max_tokens=100, arrival=Arrival(concurrency=3))  # each would take 20 s
     t = time.perf_counter()
     run = await run_load(wl, ClientConfig(url=srv.url, deadline_s=1.0))
-    assert time.perf_counter() - t < 3.0
+    assert time.perf_counter() - t < 5.0
     s = run.summary
     assert s.sent == 3 and s.cancelled == 3 and s.errors == {"deadline": 3} and s.failed == 0
     assert all(r.ttft_s is not None and r.output_tokens >= 3 for r in run.results)  # partial streams kept
-    assert 1.0 <= s.duration_s < 2.0
+    assert 1.0 <= s.duration_s < 2.5
 
 
 async def test_deadline_stops_an_open_loop_run(fake_openai):
@@ -116,7 +116,7 @@ async def test_deadline_stops_an_open_loop_run(fake_openai):
         spec.arrival_s = 0.1 + i / 5.0  # 0.1, 0.3, ... 0.9 fit before the deadline; 1.1 ... do not
     t = time.perf_counter()
     run = await run_load(wl, ClientConfig(url=srv.url, deadline_s=1.0))
-    assert time.perf_counter() - t < 3.0
+    assert time.perf_counter() - t < 5.0
     assert run.summary.sent == run.summary.ok == 5
 
 
@@ -125,7 +125,7 @@ async def test_request_timeout(fake_openai):
     wl = _chat(1, text="[[ttft=3]]")
     t = time.perf_counter()
     run = await run_load(wl, ClientConfig(url=srv.url, request_timeout_s=0.3))
-    assert time.perf_counter() - t < 2.0
+    assert time.perf_counter() - t < 2.5  # the server would answer only after 3 s
     assert run.summary.errors == {"timeout": 1}
 
 
@@ -138,7 +138,7 @@ async def test_open_loop_sends_on_schedule_and_caps_max_requests(fake_openai):
     assert [r.id for r in run.results] == [f"r{i}" for i in range(6)]
     for r in run.results:
         assert r.scheduled_s == pytest.approx(int(r.id[1:]) * 0.1)
-        assert 0 <= r.start_s - r.scheduled_s < 0.05
+        assert 0 <= r.start_s - r.scheduled_s < 0.3  # never early; late only by event-loop lag
     assert len(srv.bodies) == 6
 
 

@@ -68,14 +68,14 @@ async def test_plots_without_data_are_skipped_with_a_reason(fake_openai, tmp_pat
 
 
 def test_sweep_report(fake_openai, tmp_path):
-    srv = fake_openai(ttft_s=0.02, itl_s=0.004)
+    srv = fake_openai(ttft_s=0.05, itl_s=0.01)
     runs = run_sweep("multiturn", [2, 1], ClientConfig(url=srv.url), requests=8)
     files = write_sweep_report(runs, tmp_path, title="mt sweep")
     _png_ok(files.plots["sweep_throughput"])
     data = json.loads(Path(files.json_path).read_text())
     assert [p["offered_load"] for p in data["points"]] == [1.0, 2.0]
     t1, t2 = (p["summary"]["request_throughput"] for p in data["points"])
-    assert t2 > 1.4 * t1  # two in flight against a server with fixed delays: about twice the throughput
+    assert t2 > 1.3 * t1  # two in flight against a server with fixed delays: about twice the throughput
     for p in data["points"]:
         assert (tmp_path / p["report"]).exists()
     # each point has its own prompts: the second point must not ride on the first one's cache
@@ -88,7 +88,7 @@ def _fake_launcher(fake_openai):
     @contextlib.contextmanager
     def launch(policy: str):
         # "prefix" is faster and caches; the others never hit (a new server per policy, like a fresh cluster)
-        srv = fake_openai(ttft_s=0.01 if policy == "prefix" else 0.04, itl_s=0.002, cache=policy == "prefix")
+        srv = fake_openai(ttft_s=0.01 if policy == "prefix" else 0.1, itl_s=0.002, cache=policy == "prefix")
         started.append(policy)
         yield srv.url
     return launch, started
