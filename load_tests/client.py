@@ -93,21 +93,19 @@ class _Measure:
         )
 
 
-def _events(line_iter):
-    """SSE: yields each event's data (data lines joined), dispatched at the blank line."""
-    async def gen():
-        data: list[str] = []
-        async for line in line_iter:
-            if line == "":
-                if data:
-                    yield "\n".join(data)
-                    data = []
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-            # comments (":") and other fields (event/id/retry) carry nothing we measure
-        if data:
-            yield "\n".join(data)
-    return gen()
+async def _events(lines):
+    """SSE: yields each event's data (its data lines joined), dispatched at the blank line."""
+    data: list[str] = []
+    async for line in lines:
+        if line == "":
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        # comments (":") and other fields (event/id/retry) carry nothing we measure
+    if data:
+        yield "\n".join(data)
 
 
 def _content(chunk: dict) -> str:

@@ -43,11 +43,13 @@ async def test_ttft_itl_tpot_and_tokens_match_the_server_delays(fake_openai):
 async def test_completions_api_and_cached_tokens(fake_openai):
     srv = fake_openai(ttft_s=0.01, itl_s=0.001)
     prefix = " ".join(["shared"] * 32)
-    specs = [RequestSpec(id=f"p{i}", session_id=f"p{i}", prompt=f"{prefix} tail {i}", max_tokens=3) for i in range(3)]
+    specs = [RequestSpec(id=f"p{i}", session_id=f"p{i}", prompt=f"{prefix} tail {i}", max_tokens=3,
+                         extra_body={"ignore_eos": True}) for i in range(3)]
     wl = Workload(config=ShareGPTConfig(requests=3, api="completions", arrival=Arrival(concurrency=1)), requests=specs)
-    run = await run_load(wl, ClientConfig(url=srv.url, model="m", temperature=0.0))
+    run = await run_load(wl, ClientConfig(url=srv.url + "/v1", model="m", temperature=0.0, api_key="sk-test"))
     assert [b["prompt"] for b in srv.bodies] == [s.prompt for s in specs]
-    assert all(b["model"] == "m" and b["temperature"] == 0.0 and b["stream"] for b in srv.bodies)
+    assert srv.authorization == ["Bearer sk-test"] * 3
+    assert all(b["model"] == "m" and b["temperature"] == 0.0 and b["stream"] and b["ignore_eos"] for b in srv.bodies)
     assert [r.cached_tokens for r in run.results] == [0, 32, 32]
     assert run.summary.cache_hit_rate == pytest.approx(64 / (3 * 34))
     assert all(r.output_tokens == 3 for r in run.results)
@@ -61,17 +63,19 @@ async def test_http_and_stream_errors_are_counted(fake_openai):
         RequestSpec(id="e429a", session_id="e429a", prompt="x [[status=429]]", max_tokens=4),
         RequestSpec(id="e429b", session_id="e429b", prompt="y [[status=429]]", max_tokens=4),
         RequestSpec(id="mid", session_id="mid", prompt="z [[error_after=3]]", max_tokens=8),
+        RequestSpec(id="cut", session_id="cut", prompt="z [[truncate=2]]", max_tokens=8),
+        RequestSpec(id="junk", session_id="junk", prompt="z [[garbage=1]]", max_tokens=8),
     ]
-    run = await run_load(Workload(config=ShareGPTConfig(requests=6), requests=specs), ClientConfig(url=srv.url))
+    run = await run_load(Workload(config=ShareGPTConfig(requests=8), requests=specs), ClientConfig(url=srv.url))
     s = run.summary
-    assert s.errors == {"http_500": 1, "http_429": 2, "stream_error": 1}
-    assert s.sent == 6 and s.ok == 2 and s.failed == 4 and s.cancelled == 0
+    assert s.errors == {"http_500": 1, "http_429": 2, "stream_error": 1, "incomplete": 1, "bad_event": 1}
+    assert s.sent == 8 and s.ok == 2 and s.failed == 6 and s.cancelled == 0
     by_id = {r.id: r for r in run.results}
     assert by_id["e500"].status == 500 and by_id["e500"].error_detail == "fake 500"
     assert by_id["mid"].status == 200 and by_id["mid"].error_detail == "replica died"
     assert by_id["mid"].output_tokens == 3 and by_id["mid"].e2e_s is None
     assert s.output_tokens == 16  # only successful requests count toward throughput
-    assert s.slo_attainment == pytest.approx(2 / 6)
+    assert s.slo_attainment == pytest.approx(2 / 8)
 
 
 async def test_connection_refused_is_an_error_not_a_crash(fake_openai):
