@@ -44,6 +44,9 @@ def replica_options(cfg: ClusterConfig) -> dict[str, Any]:
         opts["placement_group_bundles"] = [dict(bundle) for _ in range(tp)]
         opts["placement_group_strategy"] = "STRICT_PACK"
     opts["ray_actor_options"] = {"num_cpus": cfg.replicas.num_cpus, "num_gpus": cfg.replicas.num_gpus}
+    if cfg.replicas.max_replicas_per_node is not None:
+        # Serve already SPREADs replicas over nodes (best effort); this makes it a hard cap.
+        opts["max_replicas_per_node"] = cfg.replicas.max_replicas_per_node
     if cfg.autoscaling.enabled:
         opts["autoscaling_config"] = autoscaling_config(cfg)
     else:

@@ -39,7 +39,7 @@ class QueueFigures:
     reporting: int = 0            # replicas with at least one sample
 
     def describe(self) -> str:
-        return (f"waiting={self.waiting:g} handle_queued={self.handle_queued:g} running={self.running:g} "
+        return (f"waiting={self.waiting:g} handle_queued={self.handle_queued:.1f} running={self.running:g} "
                 f"pending_prefill_tokens={self.prefill_tokens:g} replicas_reporting={self.reporting}")
 
 

@@ -36,6 +36,8 @@ class ReplicaSettings(_Section):
     health_check_timeout_s: float = Field(10.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0, description="Unhealthy if the engine loop has work but has not ticked for this long.")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain time on downscale.")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="Hard cap per Ray node (tp_size 1 only: Serve "
+                                              "forbids it with placement groups); unset = Serve's default soft SPREAD.")
 
 
 class AutoscalingSettings(_Section):
@@ -82,6 +84,12 @@ class ClusterConfig(_Section):
     router: RouterSettings = Field(default_factory=RouterSettings)
     redis_url: str | None = Field(None, description="External Redis; unset = the launcher starts an embedded one.")
     app_name: str = "llm-cluster"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if self.replicas.max_replicas_per_node is not None and self.engine.tp_size > 1:
+            raise ValueError("replicas.max_replicas_per_node needs engine.tp_size 1 (TP replicas use placement groups)")
+        return self
 
     @property
     def uses_gpu(self) -> bool:

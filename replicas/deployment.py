@@ -156,11 +156,13 @@ class LLMReplica:
     def _inject_fault(self, kind: str) -> str:
         """Tests only, refused unless LLM_CLUSTER_FAULT_INJECTION=1 in the replica's environment.
         "stall": the engine loop blocks in its next step, forever; "crash": the loop thread dies at its
-        next step. Swaps the engine's step method, so the serving path carries no check for it.
+        next step; "slow": every step takes 50 ms longer (streams last long enough to watch a drain).
+        Swaps the engine's step method, so the serving path carries no check for it.
         Returns this replica's id."""
         if os.environ.get(FAULT_INJECTION_ENV) != "1":
             raise PermissionError(f"fault injection is off (set {FAULT_INJECTION_ENV}=1)")
         inner = self.engine.engine
+        step = type(inner).step.__get__(inner)  # the real one, however often faults are injected
         if kind == "stall":
             never = threading.Event()
             inner.step = lambda: never.wait() and []
@@ -168,6 +170,11 @@ class LLMReplica:
             def crash():
                 raise _InjectedCrash("injected engine loop crash")
             inner.step = crash
+        elif kind == "slow":
+            def slow():
+                time.sleep(0.05)
+                return step()
+            inner.step = slow
         else:
             raise ValueError(f"unknown fault {kind!r}")
         log.warning("replica %s: injected fault %r", self.replica_id, kind)

@@ -88,6 +88,18 @@ async def test_tp_worker_hook_failure_exits(replica):
     assert calls and calls[0] > 0 and replica.exits == [1]
 
 
+async def test_slow_fault_stretches_steps_without_breaking_health(replica):
+    replica._inject_fault("slow")
+    replica._inject_fault("slow")                   # idempotent: wraps the real step, not the last fault
+    t0 = time.monotonic()
+    chunks = await drain(replica, "s", 6)
+    elapsed = time.monotonic() - t0
+    assert chunks[-1].usage.completion_tokens == 6
+    assert 6 * 0.05 <= elapsed < 6 * 0.1 + 1.0
+    await replica.check_health()
+    assert replica.exits == []
+
+
 def test_fault_injection_needs_the_env_gate(replica, monkeypatch):
     monkeypatch.delenv(deployment.FAULT_INJECTION_ENV)
     with pytest.raises(PermissionError):

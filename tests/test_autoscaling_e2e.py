@@ -1,0 +1,132 @@
+"""Autoscaling, drain and stuck-replica replacement on the real local Ray cluster (tiny model, CPU).
+
+Each test counts every request's outcome: scaling and replacement must not fail one."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+
+import pytest
+
+from load_tests.bench_autoscaling import (APP, REPLICA, ClosedLoop, LogTail, autoscaling_config, complete,
+                                          replica_ids, replica_states, running_replicas, scaling_decisions,
+                                          tiny_config, wait_for)
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(150)]
+
+
+def test_burst_scales_up_then_down_after_idle_without_failures(deploy, tiny_model_dir):
+    base = deploy(autoscaling_config(tiny_model_dir, **{"autoscaling.max_replicas": 3,
+                                                        "autoscaling.downscale_delay_s": 2}))
+    wait_for(lambda: running_replicas() == 1, 60, what="1 replica")
+    tail = LogTail()
+    load = ClosedLoop(base, concurrency=10, max_tokens=48).start()
+    try:
+        wait_for(lambda: running_replicas() >= 3, 90, what="3 replicas")
+        time.sleep(2)  # the new replicas take part of the burst
+    finally:
+        stats = load.stop()
+    wait_for(lambda: replica_states() == {"RUNNING": 1}, 60, what="back to 1 replica")
+
+    assert stats.failed == 0, stats.errors[:3]
+    assert stats.ok > 10
+    decisions = scaling_decisions(tail)
+    ups = [d for d in decisions if " up " in d]
+    downs = [d for d in decisions if " down " in d]
+    # One line per decision, made from the queue figures that caused it.
+    assert re.search(r"up 1 -> 3: waiting=\d+ handle_queued=[\d.]+ running=\d+ pending_prefill_tokens=\d+", ups[0])
+    assert int(re.search(r"waiting=(\d+)", ups[0]).group(1)) >= 5
+    assert downs and downs[-1].split(": ")[0].endswith("-> 1") and "waiting=0" in downs[-1]
+    assert len(decisions) <= 4  # 1->3, then at most 3->2->1 (and no line per tick)
+
+
+def test_scale_to_zero_then_a_request_waits_for_a_cold_start(deploy, tiny_model_dir):
+    base = deploy(autoscaling_config(tiny_model_dir, **{
+        "autoscaling.min_replicas": 0, "autoscaling.initial_replicas": 1, "autoscaling.downscale_delay_s": 3}))
+    tail = LogTail()
+    wait_for(lambda: not replica_states().get("RUNNING") and not replica_states().get("STOPPING"), 60,
+             what="zero replicas")
+    assert any("down 1 -> 0" in d for d in scaling_decisions(tail))
+    t0 = time.monotonic()
+    out = complete(base, "scale me up", max_tokens=8, timeout_s=120)  # held at the handle, not failed
+    assert out["usage"]["completion_tokens"] == 8
+    assert running_replicas() == 1
+    assert time.monotonic() - t0 < 120
+
+
+async def test_downscale_drains_in_flight_streams(ray_cluster, tiny_model_dir):
+    """Serve stops a replica only after its streams end; the engine is shut down after that (__del__)."""
+    import ray
+    from ray import serve
+
+    from cluster.app import replica_options
+    from replicas.deployment import LLMReplica
+    from replicas.protocol import GenerationRequest, SamplingParams
+
+    app = "drain-test"
+    cfg = tiny_config(tiny_model_dir, **{"replicas.num_replicas": 2, "engine.max_num_seqs": 4})
+
+    def run(num_replicas: int):
+        opts = {**replica_options(cfg), "num_replicas": num_replicas}
+        serve.run(serve.deployment(LLMReplica).options(**opts).bind(cfg), name=app, route_prefix=None)
+
+    await asyncio.to_thread(run, 2)
+    try:
+        h = serve.get_deployment_handle(REPLICA, app)
+        both: set[str] = set()
+        for _ in range(40):  # slow both replicas down so their streams outlast the scale-down
+            both.add(await h._inject_fault.remote("slow"))
+            if len(both) == 2:
+                break
+        assert len(both) == 2
+
+        async def stream(i: int) -> list[int]:
+            req = GenerationRequest(request_id=f"drain-{i}", prompt_token_ids=[5, 6, 7, 8, 9 + i],
+                                    sampling=SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+            tokens: list[int] = []
+            async for chunk in h.options(stream=True).generate.remote(req):
+                tokens += chunk.token_ids
+            return tokens
+
+        streams = [asyncio.create_task(stream(i)) for i in range(6)]
+        await asyncio.sleep(1.0)  # all started (60 steps at >= 50 ms each: >= 3 s to go)
+        await asyncio.to_thread(run, 1)
+        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        assert [len(t) for t in results] == [60] * 6  # none cut short, none failed
+
+        remaining = (await h.model_info.remote())["replica_id"]
+        (stopped,) = both - {remaining}
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        log = open(os.path.join(logs, "serve", f"replica_{app}_{REPLICA}_{stopped}.log")).read()
+        waits = [int(n) for n in re.findall(r"Waiting for an additional [\d.]+s to shut down: (\d+) ongoing", log)]
+        assert waits and max(waits) > 0  # it really had streams in flight while it drained
+    finally:
+        serve.delete(app)
+
+
+def test_stuck_replica_is_replaced_and_no_request_waits_forever(deploy, tiny_model_dir):
+    from ray import serve
+
+    base = deploy(tiny_config(tiny_model_dir, **{"replicas.num_replicas": 2}))
+    wait_for(lambda: running_replicas() == 2, 60, what="2 replicas")
+    before = replica_ids(base)
+    tail = LogTail()
+    load = ClosedLoop(base, concurrency=4, max_tokens=16).start()
+    try:
+        time.sleep(1)
+        stuck = serve.get_deployment_handle(REPLICA, APP)._inject_fault.remote("stall").result(timeout_s=30)
+        t0 = time.monotonic()
+        # The replica exits once the stall outlasts stall_timeout_s (2 s); Serve sees it crashed at once.
+        wait_for(lambda: any("crashed" in ln for ln in tail.lines(f"id='{stuck}'")), 30,
+                 what="stuck replica marked unhealthy")
+        unhealthy_s = time.monotonic() - t0
+        wait_for(lambda: running_replicas() == 2 and replica_ids(base, 8) - before, 90, what="replacement serving")
+        time.sleep(1)
+    finally:
+        stats = load.stop()
+    assert stats.failed == 0, stats.errors[:3]
+    assert unhealthy_s < 10
+    # Requests caught on the stuck replica failed over after the stall bound, not "forever".
+    assert max(stats.latencies) < 20
