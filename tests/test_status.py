@@ -199,3 +199,39 @@ def test_cli_status_json_from_another_process(fake_app, redis_url):
     report = json.loads(out.stdout)
     assert report["status"] == "RUNNING" and [r["health"] for r in report["replicas"]] == ["healthy"]
     assert report["redis"]["reachable"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_collect_status_on_the_real_app(deploy, redis_url, tiny_model_dir, monkeypatch):
+    """The real LLMReplica and ingress on the tiny model: engine stats, prefix hits after a repeated
+    prompt, and the Redis URL taken from a replica's config."""
+    import httpx
+
+    from cluster.config import load_config
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    cfg = load_config(overrides={
+        "engine.model": str(tiny_model_dir), "engine.device": "cpu", "engine.num_kv_blocks": 128,
+        "replicas.num_replicas": 2, "replicas.num_cpus": 0.5, "redis_url": redis_url, "router.policy": "prefix"},
+        env={})
+    base = deploy(cfg, name="status-real")
+    prompt = list(range(10, 10 + 48))
+    for _ in range(3):  # the same 3-block prompt: later ones hit the prefix cache of the replica they reach
+        r = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        time.sleep(0.3)  # block events reach Redis, so the prefix router prefers the holder
+    report = collect_status(app_name="status-real")
+    assert report["status"] == "RUNNING"
+    assert {name: d["running_replicas"] for name, d in report["deployments"].items()} == {
+        "LLMReplica": 2, "OpenAIIngress": 1}
+    assert [r["health"] for r in report["replicas"]] == ["healthy", "healthy"]
+    stats = [r["stats"] for r in report["replicas"]]
+    assert all(s["kv_blocks_total"] == 128 and s["tp_size"] == 1 for s in stats)
+    assert sum(s["prefix_query_tokens"] for s in stats) >= 3 * 48
+    assert sum(s["prefix_hit_tokens"] for s in stats) >= 32, stats  # at least 2 full blocks found cached
+    assert any(r["hit_rate"] for r in report["replicas"])
+    assert report["redis"] == {"url": redis_url, "reachable": True, "latency_ms": report["redis"]["latency_ms"],
+                               "error": None}
+    print(render_table(report))
