@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from replicas.engine.sampler import Sampler, SamplingBatch, apply_filters, apply_penalties, seed_for
+import replicas.engine.sampler as sampler_mod
+from replicas.engine.sampler import (Sampler, SamplingBatch, apply_filters, apply_penalties, inverse_cdf,
+                                     seed_for)
 from replicas.protocol import SamplingParams
 
 V = 64
@@ -146,12 +148,18 @@ def _hf_reference(row_logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x[0]
 
 
-def test_filters_match_hf_warpers_per_row():
+@pytest.mark.parametrize("candidates", [8, 10**9], ids=["cpu-candidates", "full-sort"])
+def test_filters_match_hf_warpers_per_row(monkeypatch, candidates):
+    """Per-row settings in one batch equal HF's warper chain. Few candidates exercise the CPU path's
+    fallback to a full sort (flat rows) and its shortcut (peaked rows); many is the GPU's full sort."""
+    monkeypatch.setattr(sampler_mod, "_CPU_TOP_P_CANDIDATES", candidates)
     params = [P(temperature=0.7, top_k=5), P(temperature=1.3, top_p=0.8), P(temperature=1.0, min_p=0.1),
               P(temperature=0.9, top_k=10, top_p=0.6, min_p=0.05), P(temperature=1.1), P(temperature=0.5, top_k=3),
               P(temperature=2.0, top_p=0.3, min_p=0.2)]
     logits = logits_for(*range(len(params)))
-    for subset in (params, [params[0], params[5], params[4]], [params[2], params[4]]):
+    logits[1] *= 0.1  # flat: its nucleus reaches past 8 candidates
+    logits[3, :3] += 20  # peaked: the best 3 hold nearly everything
+    for subset in (params, [params[0], params[5], params[4]], [params[2], params[4]], [params[1], params[3]]):
         n = len(subset)
         b = SamplingBatch.build([(p, [], [], 0) for p in subset])
         out = apply_filters(logits[:n].clone(), b)
@@ -160,6 +168,24 @@ def test_filters_match_hf_warpers_per_row():
             assert torch.equal(torch.isinf(out[i]), torch.isinf(ref)), (i, p)
             fin = torch.isfinite(ref)
             assert torch.allclose(out[i][fin], ref[fin], atol=1e-6)
+
+
+def test_rows_without_top_p_keep_their_whole_tail():
+    """A top_p = 1 row beside top-p rows must not lose tokens when its cumulative sum rounds to 1."""
+    logits = torch.randn(3, 50000, generator=torch.Generator().manual_seed(0)) * 0.01
+    logits[:, 0] = 30.0  # the head holds all but ~1e-9 of the mass
+    rows = [(P(temperature=1.0), [], [], 0), (P(temperature=1.0, top_p=0.5), [], [], 0),
+            (P(temperature=1.0, top_k=5), [], [], 0)]
+    out = apply_filters(logits.clone(), SamplingBatch.build(rows))
+    assert torch.isfinite(out[0]).all()
+    assert torch.isfinite(out[1]).sum() == 1
+    assert torch.isfinite(out[2]).sum() == 5
+
+
+def test_inverse_cdf_edges_land_on_tokens_with_mass():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]] * 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 1.0])  # 1.0: where fp32 rounding of u * total can land
+    assert inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]
 
 
 def test_repetition_penalty_hand_computed():

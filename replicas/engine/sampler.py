@@ -2,16 +2,17 @@
 
 Owns the sampling semantics: repetition penalty (HF), presence/frequency penalties (OpenAI),
 temperature, top-k, top-p, min-p, greedy, and position-addressable seeded draws. Everything runs as
-batched tensor ops on the logits' device; the only host sync is the one copy that fetches the result.
+batched tensor ops on the logits' device; on CUDA the only host sync is the one copy that fetches
+the result.
 
 Order, as HF/vLLM: repetition penalty -> frequency/presence -> temperature -> top-k -> top-p -> min-p
 -> draw. Greedy rows (temperature 0) take the argmax after the penalties.
 
-Seeded draws use the exponential race: token = argmax(p / E) with E ~ Exp(1) i.i.d., which picks
-token i with probability p_i. A seeded row's E comes from a generator seeded by xxh64(seed, choice
-index, output position), so the draw at position p is the same whatever else is in the batch, on
-whichever replica (of the same device type: CUDA's generator streams differ from the CPU's, and may
-differ between GPU models) the request resumes after a failover.
+The draw is inverse-CDF: token = first i with cdf_i > u * cdf_V, one uniform u per row. A seeded
+row's u is a pure function of xxh64(seed, choice index, output position), so the draw at position p
+is the same whatever else is in the batch, on whichever replica (CPU or GPU) the request resumes
+after a failover. Unseeded rows take u from the sampler's generator. (An exponential race needs V
+random numbers per row; CPU torch makes those ~100x slower than a softmax.)
 
 Logprobs are log_softmax of the raw model logits, before penalties, temperature and filters: what
 OpenAI and vLLM report by default.
@@ -29,11 +30,18 @@ import xxhash
 from replicas.protocol import SamplingParams
 
 _U64 = (1 << 64) - 1
+# CPU top-p: torch's CPU sort is very slow, so try the best few tokens first (see _top_k_top_p).
+_CPU_TOP_P_CANDIDATES = 1024
 
 
 def seed_for(seed: int, choice_index: int, position: int) -> int:
-    """The generator seed of one draw: a stable mix of (request seed, choice index, output position)."""
+    """A stable 64-bit mix of (request seed, choice index, output position)."""
     return xxhash.xxh64_intdigest(struct.pack("<QQQ", seed & _U64, choice_index & _U64, position & _U64))
+
+
+def uniform_for(seed: int, choice_index: int, position: int) -> float:
+    """The seeded draw's uniform in [0, 1): 24 bits, exact in fp32 (like torch.rand)."""
+    return (seed_for(seed, choice_index, position) >> 40) * 2.0 ** -24
 
 
 SamplingRow = tuple[SamplingParams, Sequence[int], Sequence[int], int]  # params, prompt, output, index
@@ -53,6 +61,8 @@ class SamplingBatch:
     top_k_on: torch.Tensor | None  # bool [B, 1]
     max_top_k: int
     top_p: torch.Tensor | None  # [B, 1]
+    top_p_on: torch.Tensor | None  # bool [B, 1]: top_p < 1 (rows at 1.0 must not lose a rounding tail)
+    top_p_beyond_k: bool  # some top-p row has no top-k: its nucleus may reach past max_top_k
     min_p: torch.Tensor | None  # [B, 1]
     repetition: torch.Tensor | None  # [B, 1]
     presence: torch.Tensor | None  # [B, 1]
@@ -62,7 +72,8 @@ class SamplingBatch:
     seen_w: torch.Tensor | None  # [B, Ls]
     out_ids: torch.Tensor | None  # long [B, Lo]: output of rows with a presence/frequency penalty
     out_w: torch.Tensor | None  # [B, Lo]
-    seeded: list[tuple[int, int]]  # (row, generator seed) for sampled rows with a request seed
+    seeded: torch.Tensor | None  # bool [B]: rows whose uniform comes from their request seed
+    seeded_u: torch.Tensor | None  # [B]
     logprobs: list[int | None]  # per row: top-k alternatives wanted (0: chosen only), None: off
     max_logprobs: int  # -1 when no row wants logprobs
 
@@ -81,30 +92,37 @@ class SamplingBatch:
         any_penalty = any(rep) or any(pres_freq)
         logprobs = [p.logprobs for p in ps]
         max_logprobs = max((k for k in logprobs if k is not None), default=-1)
-        sampled = [i for i in range(n) if not greedy[i]]
+        sampled = not all(greedy)
 
         def col(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype).view(n, 1).to(device, non_blocking=True)
 
         b = cls(size=n, greedy_only=not sampled and not any_penalty,
                 greedy=None, temperature=None, top_k=None, top_k_on=None, max_top_k=0, top_p=None,
-                min_p=None, repetition=None, presence=None, frequency=None, seen_ids=None, seen_w=None,
-                out_ids=None, out_w=None, seeded=[], logprobs=logprobs, max_logprobs=max_logprobs)
+                top_p_on=None, top_p_beyond_k=False, min_p=None, repetition=None, presence=None,
+                frequency=None, seen_ids=None, seen_w=None, out_ids=None, out_w=None, seeded=None,
+                seeded_u=None, logprobs=logprobs, max_logprobs=max_logprobs)
         if sampled:
             if any(greedy):
                 b.greedy = col(greedy, torch.bool).view(n)
             b.temperature = col([1.0 if g else p.temperature for g, p in zip(greedy, ps)])
-            ks = [p.top_k if p.top_k > 0 and not greedy[i] else 0 for i, p in enumerate(ps)]
+            ks = [p.top_k if p.top_k > 0 and not g else 0 for g, p in zip(greedy, ps)]
             if any(ks):
                 b.max_top_k = max(ks)
                 b.top_k = col([k or b.max_top_k for k in ks], torch.long)
                 b.top_k_on = col([k > 0 for k in ks], torch.bool)
-            if any(p.top_p < 1.0 and not greedy[i] for i, p in enumerate(ps)):
+            tp = [p.top_p < 1.0 and not g for g, p in zip(greedy, ps)]
+            if any(tp):
                 b.top_p = col([p.top_p for p in ps])
-            if any(p.min_p > 0.0 and not greedy[i] for i, p in enumerate(ps)):
+                b.top_p_on = col(tp, torch.bool)
+                b.top_p_beyond_k = any(on and not k for on, k in zip(tp, ks))
+            if any(p.min_p > 0.0 and not g for g, p in zip(greedy, ps)):
                 b.min_p = col([p.min_p for p in ps])
-            b.seeded = [(i, seed_for(ps[i].seed, r[3], len(r[2]))) for i, r in enumerate(rows)
-                        if not greedy[i] and ps[i].seed is not None]
+            seeded = [not g and p.seed is not None for g, p in zip(greedy, ps)]
+            if any(seeded):
+                b.seeded = col(seeded, torch.bool).view(n)
+                b.seeded_u = col([uniform_for(r[0].seed, r[3], len(r[2])) if s else 0.0
+                                  for s, r in zip(seeded, rows)]).view(n)
         if any(rep):
             b.repetition = col([p.repetition_penalty for p in ps])
             b.seen_ids, b.seen_w = _padded([list(r[1]) + list(r[2]) if rep[i] else []
@@ -153,24 +171,14 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 
 def apply_filters(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Temperature, then top-k, top-p, min-p as -inf masks (HF warper semantics). In place."""
+    """Temperature, then top-k, top-p, min-p as -inf masks (HF warper semantics)."""
     if b.temperature is None:
         return logits
     logits.div_(b.temperature)
-    V = logits.shape[1]
     if b.top_p is not None:
-        # One sort serves top-k and top-p.
-        srt, idx = logits.sort(dim=-1, descending=True)
-        if b.top_k is not None:
-            kth = srt.gather(1, b.top_k.clamp(max=V) - 1)
-            srt.masked_fill_(b.top_k_on & (srt < kth), -math.inf)
-        probs = srt.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p; the first always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= b.top_p
-        drop[:, 0] = False
-        srt.masked_fill_(drop, -math.inf)
-        logits.scatter_(1, idx, srt)
+        logits = _top_k_top_p(logits, b)
     elif b.top_k is not None:
+        V = logits.shape[1]
         kth = logits.topk(min(b.max_top_k, V), dim=-1).values.gather(1, b.top_k.clamp(max=V) - 1)
         logits.masked_fill_(b.top_k_on & (logits < kth), -math.inf)
     if b.min_p is not None:
@@ -180,20 +188,63 @@ def apply_filters(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+def _top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Top-k then top-p, both decided on the best `width` tokens in sorted order.
+
+    Rows with top-k need only their k best. A top-p row without top-k needs its whole nucleus: on
+    GPU that means sorting the full row; on CPU, where torch's sort is ~25x slower than a top-k of
+    1024 and a data-dependent branch costs no sync, try the best 1024 and sort fully only when their
+    mass falls short of some row's top_p. Ties at the k-th value may be cut (HF keeps them).
+    """
+    V = logits.shape[1]
+    width = min(b.max_top_k, V)
+    if b.top_p_beyond_k:
+        width = min(V, max(width, _CPU_TOP_P_CANDIDATES)) if logits.device.type == "cpu" else V
+    while True:
+        vals, idx = logits.topk(width, dim=-1)  # sorted, best first
+        # Candidates' probabilities under the whole row's distribution (after top-k, as in HF).
+        norm = logits.logsumexp(dim=-1, keepdim=True)
+        if b.top_k is not None:
+            vals.masked_fill_(b.top_k_on & (vals < vals.gather(1, b.top_k.clamp(max=width) - 1)), -math.inf)
+            norm = torch.where(b.top_k_on, vals.logsumexp(dim=-1, keepdim=True), norm)
+        probs = (vals - norm).exp()
+        above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        if width < V and b.top_p_beyond_k:
+            no_k = b.top_p_on if b.top_k is None else b.top_p_on & ~b.top_k_on
+            if bool((no_k & (above[:, -1:] + probs[:, -1:] < b.top_p)).any()):
+                width = V  # some nucleus reaches past the candidates
+                continue
+        # Drop a token when the tokens above it already hold top_p; the best one always stays.
+        drop = b.top_p_on & (above >= b.top_p)
+        drop[:, 0] = False
+        vals.masked_fill_(drop, -math.inf)
+        kept = torch.full_like(logits, -math.inf).scatter_(1, idx, vals)
+        # Rows with neither filter keep every token, including those outside the candidates.
+        untouched = ~b.top_p_on if b.top_k is None else ~(b.top_p_on | b.top_k_on)
+        return torch.where(untouched, logits, kept)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds u * total; it has mass > 0."""
+    cdf = probs.cumsum_(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    tokens = torch.searchsorted(cdf, u.view(-1, 1) * total, right=True)
+    # fp32 rounding can put the target at the total: cap at the last token with mass (the first
+    # index where the cdf reaches the total).
+    return torch.minimum(tokens, torch.searchsorted(cdf, total)).view(-1)
+
+
 class Sampler:
-    """Stateless apart from the generators: the global one for unseeded rows (seeded from the engine
-    seed) and a scratch one per device re-seeded for each seeded row."""
+    """Holds the generator of unseeded draws, seeded from the engine seed; otherwise stateless."""
 
     def __init__(self, seed: int = 0):
         self._seed = seed
-        self._global: dict[torch.device, torch.Generator] = {}
-        self._scratch: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-        if device not in self._global:
-            self._global[device] = torch.Generator(device=device).manual_seed(self._seed)
-            self._scratch[device] = torch.Generator(device=device)
-        return self._global[device], self._scratch[device]
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         """Sample one token per row. `logits` [B, V] fp32 is consumed: it is modified in place."""
@@ -213,12 +264,10 @@ class Sampler:
         if b.temperature is None:  # every row greedy, with penalties
             return logits.argmax(dim=-1)
         greedy_tokens = logits.argmax(dim=-1) if b.greedy is not None else None
-        probs = apply_filters(logits, b).softmax(dim=-1)
-        glob, scratch = self._generators(logits.device)
-        noise = torch.empty_like(probs).exponential_(generator=glob)
-        for row, seed in b.seeded:
-            noise[row].exponential_(generator=scratch.manual_seed(seed))
-        tokens = probs.div_(noise).argmax(dim=-1)
+        u = torch.rand(b.size, device=logits.device, generator=self._generator(logits.device))
+        if b.seeded is not None:
+            u = torch.where(b.seeded, b.seeded_u, u)
+        tokens = inverse_cdf(apply_filters(logits, b).softmax(dim=-1), u)
         if greedy_tokens is not None:
             tokens = torch.where(b.greedy, greedy_tokens, tokens)
         return tokens
