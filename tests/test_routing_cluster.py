@@ -1,0 +1,197 @@
+"""KV-aware routing on a real local Ray Serve cluster: 3 tiny-model replicas publishing their KV blocks
+to a real Redis, the `prefix` policy in the ingress's router (HTTP) and in a driver handle's router.
+
+- requests sharing a prefix land on the replica holding it (the API's usage.cached_tokens);
+- all traffic on one prefix still spreads (per-replica in-flight sampled from the replicas themselves);
+- Redis killed mid-run: no request fails, the router counts load-only fallbacks, and prefix hits come
+  back once Redis does (publishers resync).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
+from cluster.config import load_config
+from cluster.model_prep import served_model_id
+from kvstore.hashing import block_hashes, extra_key
+from replicas.protocol import GenerationRequest, SamplingParams
+from router.replica_choice import router_counters
+from tests.fixtures.ray_cluster import _wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+APP = "routing-test"
+BS = 16
+N_REPLICAS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, redis_server, tiny_model_dir):
+    from ray import serve
+
+    redis_server.resume()
+    if not redis_server.running():
+        redis_server.restart()
+    cfg = load_config(overrides={
+        "engine.model": str(tiny_model_dir), "engine.device": "cpu", "engine.block_size": BS,
+        "engine.num_kv_blocks": 512, "replicas.num_replicas": N_REPLICAS, "replicas.num_cpus": 0.5,
+        "redis_url": redis_server.url, "router.policy": "prefix",
+        # A 2-core box shared by 3 replicas, the proxy, the ingress and the test: give the index lookup
+        # more than the 5 ms default so that event-loop lag does not turn lookups into fallbacks.
+        "router.redis_timeout_ms": 100})
+    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/", blocking=False)
+    try:
+        _wait_ready(ray_cluster, 180)
+        handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP)
+        deadline = time.monotonic() + 120
+        while len(replica_stats(handle)) < N_REPLICAS:
+            assert time.monotonic() < deadline, "replicas did not all come up"
+            time.sleep(0.5)
+        yield ray_cluster, cfg, handle
+    finally:
+        serve.delete(APP)
+
+
+def replica_stats(handle) -> dict[str, dict]:
+    results = handle.broadcast("stats").results(timeout_s=10, return_exceptions=True)
+    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 460) for _ in range(n)]  # the tiny tokenizer has 472 ids
+
+
+async def complete(http: httpx.AsyncClient, prompt: list[int], max_tokens: int = 4) -> dict:
+    r = await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                 "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_requests_sharing_a_prefix_land_on_its_holder(cluster):
+    base, _, _ = cluster
+    rng = random.Random(1)
+    sessions = [tokens(rng, 6 * BS) for _ in range(6)]  # each its own 96-token prefix
+    hits, total = 0, 0
+
+    async def session(http, prefix):
+        nonlocal hits, total
+        for turn in range(4):
+            usage = (await complete(http, prefix + tokens(rng, 8)))["usage"]
+            if turn:
+                total += 1
+                hits += usage["prompt_tokens_details"]["cached_tokens"] >= len(prefix)
+            await asyncio.sleep(0.3)  # the holder's block events reach Redis (flushed every 50 ms)
+
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        await asyncio.gather(*(session(http, p) for p in sessions))
+    # Placed at random, 1 in 3 would hit.
+    assert hits >= total - 1, f"{hits}/{total} follow-up turns found their prefix cached"
+
+
+def test_all_traffic_on_one_prefix_still_spreads(cluster):
+    _, cfg, handle = cluster
+    rng = random.Random(2)
+    prefix = tokens(rng, 8 * BS)
+    model = served_model_id(cfg.engine)
+    before = replica_stats(handle)
+    samples: list[dict[str, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append({rid: s["num_waiting"] + s["num_running"] for rid, s in replica_stats(handle).items()})
+            time.sleep(0.05)
+
+    async def one(i: int) -> None:
+        prompt = prefix + tokens(rng, 8)
+        req = GenerationRequest(request_id=f"skew-{i}", prompt_token_ids=prompt,
+                                sampling=SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
+                                block_hashes=block_hashes(prompt, BS, extra_key(model)))
+        chunks = [c async for c in handle.options(stream=True).generate.remote(req)]
+        assert chunks[-1].usage.completion_tokens == 48
+
+    async def burst():
+        await asyncio.gather(*(one(i) for i in range(36)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        asyncio.run(burst())
+    finally:
+        stop.set()
+        sampler.join(10)
+    after = replica_stats(handle)
+    # Requests each replica admitted: its prefix-cache query tokens grew by one prompt per request.
+    served = {rid: round((after[rid]["prefix_query_tokens"] - before[rid]["prefix_query_tokens"]) / (len(prefix) + 8))
+              for rid in after}
+    assert sum(served.values()) >= 36 and max(served.values()) <= 1.5 * sum(served.values()) / N_REPLICAS, served
+    busy = [s for s in samples if sum(s.values()) > 0]
+    assert len(busy) >= 3, "the burst ended before the replicas were sampled"
+    mean_inflight = {rid: sum(s.get(rid, 0) for s in busy) / len(busy) for rid in after}
+    overall = sum(mean_inflight.values()) / N_REPLICAS
+    assert max(mean_inflight.values()) <= 1.5 * overall, mean_inflight
+
+
+def test_redis_killed_mid_run_no_failures_fallback_then_recovery(cluster, redis_server):
+    base, cfg, handle = cluster
+    rng = random.Random(3)
+    model = served_model_id(cfg.engine)
+    prefix = tokens(rng, 6 * BS)
+
+    def via_handle(i: int) -> int:
+        prompt = prefix + tokens(rng, 4)
+        req = GenerationRequest(request_id=f"redis-{i}-{time.monotonic_ns()}", prompt_token_ids=prompt,
+                                sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                block_hashes=block_hashes(prompt, BS, extra_key(model)))
+        chunks = list(handle.options(stream=True).generate.remote(req))
+        return chunks[-1].usage.cached_prompt_tokens
+
+    failures: list[str] = []
+    done = threading.Event()
+
+    async def http_load():
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            async def client(k):
+                p = tokens(random.Random(k), 4 * BS)
+                while not done.is_set():
+                    try:
+                        r = await http.post("/v1/completions", json={"prompt": p + tokens(rng, 4), "max_tokens": 4,
+                                                                     "temperature": 0, "ignore_eos": True})
+                        if r.status_code != 200:
+                            failures.append(f"{r.status_code} {r.text[:200]}")
+                    except httpx.HTTPError as e:
+                        failures.append(repr(e))
+            await asyncio.gather(*(client(k) for k in range(3)))
+
+    loader = threading.Thread(target=lambda: asyncio.run(http_load()), daemon=True)
+    loader.start()
+    try:
+        via_handle(0)
+        time.sleep(0.3)
+        assert via_handle(1) >= len(prefix)  # routed to the holder while Redis is up
+        redis_server.stop(graceful=False)  # a crash: connections refused from here on
+        fallbacks = router_counters()["index_fallback"]
+        for i in range(5):
+            via_handle(10 + i)  # served all the same, by load
+        assert router_counters()["index_fallback"] >= fallbacks + 5
+        time.sleep(1.0)
+        redis_server.restart()  # empty, same port: publishers resync, routers reconnect
+        deadline = time.monotonic() + 20
+        hits = router_counters()["cache_hit"]
+        while not (via_handle(100) >= len(prefix) and router_counters()["cache_hit"] > hits):
+            assert time.monotonic() < deadline, "prefix routing did not recover after Redis came back"
+            time.sleep(0.3)
+    finally:
+        done.set()
+        loader.join(60)
+        redis_server.resume()
+        if not redis_server.running():
+            redis_server.restart()
+    assert not failures, failures[:5]
