@@ -202,11 +202,13 @@ def _top_k_top_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         width = min(V, max(width, _CPU_TOP_P_CANDIDATES)) if logits.device.type == "cpu" else V
     while True:
         vals, idx = logits.topk(width, dim=-1)  # sorted, best first
-        # Candidates' probabilities under the whole row's distribution (after top-k, as in HF).
-        norm = logits.logsumexp(dim=-1, keepdim=True)
         if b.top_k is not None:
             vals.masked_fill_(b.top_k_on & (vals < vals.gather(1, b.top_k.clamp(max=width) - 1)), -math.inf)
-            norm = torch.where(b.top_k_on, vals.logsumexp(dim=-1, keepdim=True), norm)
+        # Candidates' probabilities under the whole row's distribution (after top-k, as in HF).
+        norm = vals.logsumexp(dim=-1, keepdim=True)
+        if width < V and b.top_p_beyond_k:
+            full = logits.logsumexp(dim=-1, keepdim=True)
+            norm = full if b.top_k is None else torch.where(b.top_k_on, norm, full)
         probs = (vals - norm).exp()
         above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
         if width < V and b.top_p_beyond_k:
