@@ -77,7 +77,12 @@ class ResumableGeneration:
     def _attempt_request(self) -> GenerationRequest:
         if self.attempts == 1:
             return self.request
-        resume = [list(d) for d in self.delivered] if any(self.delivered) else None
+        resume = None
+        if any(self.delivered):
+            # n > 1: a choice that already finished is re-run and its chunks dropped (the index must stay
+            # for seeded sampling); the engine refuses a resume that leaves nothing to generate.
+            room = self.request.sampling.max_tokens - 1
+            resume = [list(d[:room]) if done else list(d) for d, done in zip(self.delivered, self.finished)]
         return self.request.model_copy(update={"request_id": f"{self.request.request_id}-{self.attempts}",
                                                "resume_token_ids": resume})
 

@@ -67,6 +67,20 @@ async def test_mid_stream_failover_n2_with_seed(make_api):
     assert [len(x) for x in resume] == [3, 2]  # chunks went 0,1,0,1,0 before the death
 
 
+async def test_failover_after_one_choice_finished(make_api):
+    # n=2, choice 0 gets 2 tokens then finishes at max_tokens=2 ... the fake interleaves, so with
+    # die_after_chunks=3 choice 0 has delivered [t0, t1] (finished) and choice 1 [t0].
+    a, b = FakeReplica("a", die_after_chunks=3), FakeReplica("b")
+    _, _, client = make_api([a, b])
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 2, "seed": 1})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["text"] for c in choices] == [expected_text(PROMPT, i, 2, seed=1) for i in (0, 1)]
+    assert r.json()["usage"]["completion_tokens"] == 4
+    # The finished choice is resumed one token short (the engine refuses a full one); its output is dropped.
+    assert [len(x) for x in b.requests[0].resume_token_ids] == [1, 1]
+
+
 async def test_two_failures_then_success_and_suffixed_ids(make_api):
     # Round robin: a dies, then c (next in turn), then b finishes.
     reps = [FakeReplica("a", die_after_chunks=2), FakeReplica("b"), FakeReplica("c", die_after_chunks=2)]
