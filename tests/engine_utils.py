@@ -18,7 +18,8 @@ def make_engine(model_dir, **kw) -> LLMEngine:
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+    kw.setdefault("ignore_eos", True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 def request(rid, prompt, sampling=None, **kw) -> GenerationRequest:
