@@ -159,7 +159,8 @@ def test_filters_match_hf_warpers_per_row(monkeypatch, candidates):
     logits = logits_for(*range(len(params)))
     logits[1] *= 0.1  # flat: its nucleus reaches past 8 candidates
     logits[3, :3] += 20  # peaked: the best 3 hold nearly everything
-    for subset in (params, [params[0], params[5], params[4]], [params[2], params[4]], [params[1], params[3]]):
+    for subset in (params, [params[0], params[5], params[4]], [params[2], params[4]], [params[1], params[3]],
+                   [params[3], params[4], params[0]]):  # every top-p row has a top-k: only k candidates
         n = len(subset)
         b = SamplingBatch.build([(p, [], [], 0) for p in subset])
         out = apply_filters(logits[:n].clone(), b)
@@ -185,7 +186,22 @@ def test_rows_without_top_p_keep_their_whole_tail():
 def test_inverse_cdf_edges_land_on_tokens_with_mass():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]] * 4)
     u = torch.tensor([0.0, 0.49, 0.5, 1.0])  # 1.0: where fp32 rounding of u * total can land
-    assert inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]
+    for chunk in (256, 2, 4):
+        assert inverse_cdf(probs.clone(), u, chunk=chunk).tolist() == [1, 1, 3, 3]
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 256])
+def test_two_level_inverse_cdf_equals_one_level(chunk):
+    """Small integer masses and dyadic u keep every sum exact, so the pick must match exactly,
+    across chunk boundaries, a partial last chunk and empty chunks."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 4, (400, 10), generator=g).float() * (torch.rand(400, 10, generator=g) < 0.6)
+    probs[:, 9] += 1  # every row has mass
+    u = torch.randint(0, 1025, (400,), generator=g).float() / 1024
+    cdf = probs.double().cumsum(-1)
+    target = u.double().view(-1, 1) * cdf[:, -1:]
+    ref = torch.minimum((cdf <= target).sum(-1), torch.full((400,), 9))
+    assert torch.equal(inverse_cdf(probs.clone(), u, chunk=chunk), ref)
 
 
 def test_repetition_penalty_hand_computed():
