@@ -25,6 +25,7 @@ from replicas.protocol import SamplingParams
 MIXES = {
     "greedy": lambda i: SamplingParams(temperature=0),
     "greedy+logprobs5": lambda i: SamplingParams(temperature=0, logprobs=5),
+    "temperature1": lambda i: SamplingParams(),  # OpenAI defaults: temperature 1, no filters
     "top_p0.9+top_k50": lambda i: SamplingParams(temperature=0.8, top_p=0.9, top_k=50),
     "top_k50": lambda i: SamplingParams(temperature=0.8, top_k=50),
     "seeded_top_p0.9": lambda i: SamplingParams(temperature=0.8, top_p=0.9, seed=i),
