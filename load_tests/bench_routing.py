@@ -1,0 +1,233 @@
+"""Routing policies side by side on CPU: round_robin, pow2, prefix (ours) and Ray Serve LLM's
+PrefixCacheAffinityRouter, each on a fresh cluster of tiny-model replicas, same multi-turn workload.
+
+    python -m load_tests.bench_routing [--replicas 4] [--conversations 32] [--out /tmp/bench_routing]
+
+Per policy: deploy the app (replica caches and the Redis index start empty), run the seeded multi-turn
+shared-prefix workload closed-loop through the HTTP API, and record from the client: prefix hit rate
+(usage.cached_tokens / prompt tokens), TTFT p50/p99, throughput, failures; from the replicas (stats
+broadcast): the engines' own hit rate, each replica's share of prompt tokens and its time-averaged
+in-flight requests (busiest / mean); from Ray's metrics export: our router's decision outcomes.
+
+The Ray baseline: load_tests.ray_prefix_baseline (its defaults, our request type).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+APP = "llm-cluster"
+POLICIES = ("round_robin", "pow2", "prefix", "ray_prefix")
+ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------- cluster
+
+def make_config(model_dir: str, redis_url: str, policy: str, args):
+    from cluster.config import load_config
+    return load_config(overrides={
+        "engine.model": model_dir, "engine.device": "cpu", "engine.block_size": args.block_size,
+        "engine.num_kv_blocks": args.kv_blocks, "engine.max_num_seqs": 16,
+        "replicas.num_replicas": args.replicas, "replicas.num_cpus": 0.5, "redis_url": redis_url,
+        "router.policy": "prefix" if policy == "ray_prefix" else policy,
+        "router.redis_timeout_ms": args.redis_timeout_ms})
+
+
+def deploy(cfg, policy: str) -> None:
+    from ray import serve
+
+    from cluster.app import build_app_from_config, ingress_options, replica_options
+    if policy != "ray_prefix":
+        serve.run(build_app_from_config(cfg), name=APP, route_prefix="/", blocking=False)
+        return
+    from ray.serve.config import RequestRouterConfig
+
+    from replicas.deployment import LLMReplica
+    from router.api import OpenAIIngress
+    opts = replica_options(cfg)
+    opts["request_router_config"] = RequestRouterConfig(
+        request_router_class="load_tests.ray_prefix_baseline.RayPrefixCacheAffinityRouter",
+                                                        request_routing_stats_period_s=0.5)
+    replica = serve.deployment(LLMReplica).options(**opts).bind(cfg)
+    serve.run(serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg, replica),
+              name=APP, route_prefix="/", blocking=False)
+
+
+def wait_ready(base: str, handle, replicas: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready", timeout=3).status_code == 200 and len(replica_stats(handle)) == replicas:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("cluster not ready")
+
+
+def replica_stats(handle) -> dict[str, dict]:
+    results = handle.broadcast("stats").results(timeout_s=20, return_exceptions=True)
+    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+
+
+def ray_metrics(port: int) -> dict[str, float]:
+    """Our router's decision counters from the node's Prometheus export, summed over label sets."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^ray_llmc_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
+        outcome = re.search(r'outcome="([^"]+)"', m.group(1))
+        if outcome:
+            out[outcome.group(1)] = out.get(outcome.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+# ---------------------------------------------------------------- one policy
+
+def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int, args) -> dict:
+    import redis as redis_lib
+    from ray import serve
+
+    from load_tests.client import ClientConfig, run_load_sync
+    from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, generate
+
+    client = redis_lib.Redis.from_url(redis.url)
+    client.flushall()
+    client.close()
+    cfg = make_config(model_dir, redis.url, policy, args)
+    t0 = time.monotonic()
+    deploy(cfg, policy)
+    handle = serve.get_deployment_handle("LLMReplica", app_name=APP)
+    wait_ready(base, handle, args.replicas)
+    print(f"[{policy}] cluster ready in {time.monotonic() - t0:.0f}s", flush=True)
+    decisions_before = ray_metrics(metrics_port)
+    before = replica_stats(handle)
+
+    async def inflight():
+        stats = await asyncio.to_thread(replica_stats, handle)
+        return {rid: s["num_waiting"] + s["num_running"] for rid, s in stats.items()}
+
+    workload = generate(MultiTurnConfig(
+        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=0.75,
+        system_prompt_tokens=args.system_words, max_tokens=args.max_tokens, ignore_eos=True,
+        user_tokens=LengthDist(median=args.user_words, sigma=0.3, min=8, max=4 * args.user_words),
+        arrival=Arrival(concurrency=args.concurrency)))
+    run = run_load_sync(workload, ClientConfig(url=base, temperature=0.0, deadline_s=args.deadline_s,
+                                               status_interval_s=0.5, progress=False), status=inflight)
+    after = replica_stats(handle)
+    time.sleep(args.metrics_wait_s)  # one Ray metrics report interval
+    decisions = {k: v - decisions_before.get(k, 0.0) for k, v in ray_metrics(metrics_port).items()}
+    decisions = {k: v for k, v in decisions.items() if v > 0}
+    serve.delete(APP)
+
+    s = run.summary
+    prompt = {rid: after[rid]["prefix_query_tokens"] - before.get(rid, {}).get("prefix_query_tokens", 0)
+              for rid in after}
+    hit = sum(after[rid]["prefix_hit_tokens"] - before.get(rid, {}).get("prefix_hit_tokens", 0) for rid in after)
+    busy = [p.values for p in run.timeseries if sum(p.values.values()) > 0]
+    avg_inflight = {rid: sum(v.get(rid, 0.0) for v in busy) / len(busy) for rid in after} if busy else {}
+    mean_share = sum(prompt.values()) / len(prompt)
+    mean_inflight = sum(avg_inflight.values()) / len(avg_inflight) if avg_inflight else 0.0
+    result = {
+        "policy": policy, "ok": s.ok, "sent": s.sent, "failed": s.failed, "errors": s.errors,
+        "duration_s": s.duration_s, "req_per_s": s.request_throughput, "out_tok_per_s": s.output_throughput,
+        "hit_rate_client": s.cache_hit_rate, "hit_rate_engine": hit / sum(prompt.values()) if prompt else None,
+        "ttft_p50_ms": s.ttft_s.p50 * 1000 if s.ttft_s else None, "ttft_p99_ms": s.ttft_s.p99 * 1000 if s.ttft_s else None,
+        "e2e_p50_ms": s.e2e_s.p50 * 1000 if s.e2e_s else None,
+        "prompt_tokens_by_replica": prompt,
+        "prompt_share_max_over_mean": max(prompt.values()) / mean_share if mean_share else None,
+        "inflight_by_replica": avg_inflight,
+        "inflight_max_over_mean": max(avg_inflight.values()) / mean_inflight if mean_inflight else None,
+        "router_decisions": decisions,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"run_{policy}.json").write_text(run.model_dump_json())
+    print(f"[{policy}] " + json.dumps({k: v for k, v in result.items() if k not in ("prompt_tokens_by_replica",
+                                                                                  "inflight_by_replica")},
+                                      default=lambda x: round(x, 3)), flush=True)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    f = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
+    lines = ["| policy | ok/sent | prefix hit rate (client / engine) | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | "
+             "req/s | out tok/s | busiest/mean prompt tokens | busiest/mean in-flight |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['policy']} | {r['ok']}/{r['sent']} | {f(r['hit_rate_client'], '.1%')} / "
+                     f"{f(r['hit_rate_engine'], '.1%')} | {f(r['ttft_p50_ms'], '.0f')} | {f(r['ttft_p99_ms'], '.0f')} | "
+                     f"{f(r['e2e_p50_ms'], '.0f')} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+                     f"{f(r['prompt_share_max_over_mean'], '.2f')} | {f(r['inflight_max_over_mean'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--system-words", type=int, default=64, help="shared system prompt length (~4 tokens/word)")
+    p.add_argument("--user-words", type=int, default=48, help="median user turn length")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-blocks", type=int, default=768, help="KV cache blocks per replica")
+    p.add_argument("--redis-timeout-ms", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=900)
+    p.add_argument("--metrics-wait-s", type=float, default=3.0)
+    p.add_argument("--out", default=None, help="directory for results.json, results.md and each run's raw results")
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from cluster.redis_server import EmbeddedRedis
+    from tests.fixtures.ray_cluster import free_port
+    from tests.tiny_model import build_tiny_model
+
+    model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="llmc-tiny-")))
+    metrics_port = free_port()
+    ray.init(num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False, namespace="llmc-bench",
+             runtime_env={"env_vars": ENV}, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        with EmbeddedRedis() as redis:
+            for policy in args.policies.split(","):
+                results.append(run_policy(policy, model_dir, redis, base, metrics_port, args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_end": os.getloadavg(), "args": vars(args),
+              "results": results}
+    md = table(results)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "results.md").write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
