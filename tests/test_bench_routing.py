@@ -1,0 +1,37 @@
+"""The routing benchmark's pieces that run without a cluster: the Ray baseline's view of our requests
+and the parser of Ray's metrics export."""
+from __future__ import annotations
+
+from ray.serve._private.common import RequestMetadata
+from ray.serve.request_router import PendingRequest
+
+from load_tests import bench_routing
+from load_tests.ray_prefix_baseline import RayPrefixCacheAffinityRouter
+from replicas.protocol import GenerationRequest
+
+
+def _pending(*args) -> PendingRequest:
+    return PendingRequest(args=list(args), kwargs={},
+                          metadata=RequestMetadata(request_id="r", internal_request_id="r", call_method="generate"))
+
+
+async def test_ray_baseline_sees_token_prefixes_as_text_prefixes():
+    text = lambda ids: RayPrefixCacheAffinityRouter._extract_text_from_request(  # noqa: E731
+        None, _pending(GenerationRequest(request_id="r", prompt_token_ids=ids)))
+    a, b, c = text([1, 2, 3, 4]), text([1, 2, 3, 9, 9]), text([0, 2, 3])
+    assert len(a) == 4 and b.startswith(a[:3]) and not b.startswith(a) and not c.startswith(a[:1])
+    assert RayPrefixCacheAffinityRouter._extract_text_from_request(None, _pending()) is None  # model_info()
+
+
+def test_ray_metrics_parser_sums_label_sets(monkeypatch):
+    export = "\n".join([
+        "# HELP ray_llmc_routing_decisions_total Replica choices",
+        'ray_llmc_routing_decisions_total{Component="core_worker",outcome="cache_hit",policy="prefix"} 7.0',
+        'ray_llmc_routing_decisions_total{Component="core_worker",outcome="cache_hit",policy="prefix",pid="2"} 3.0',
+        'ray_llmc_routing_decisions_total{outcome="index_fallback",policy="prefix"} 2.0',
+        'ray_llmc_requests_total{status="ok"} 99.0'])
+
+    class Resp:
+        text = export
+    monkeypatch.setattr(bench_routing.httpx, "get", lambda *a, **k: Resp())
+    assert bench_routing.ray_metrics(1) == {"cache_hit": 10.0, "index_fallback": 2.0}
