@@ -190,6 +190,14 @@ def test_inverse_cdf_edges_land_on_tokens_with_mass():
         assert inverse_cdf(probs.clone(), u, chunk=chunk).tolist() == [1, 1, 3, 3]
 
 
+def test_inverse_cdf_rounding_below_a_chunk_start():
+    """Found by search: u * total lands in chunk 1, but fp32 puts it a hair before chunk 1's
+    computed start; the pick must still be a token with mass (index 4 has none)."""
+    probs = torch.tensor([[0.455627977848053, 0.6323062777519226, 0.3488934636116028, 0.40171730518341064,
+                           0.0, 0.16885894536972046, 0.2938884496688843, 0.518521785736084]])
+    assert inverse_cdf(probs, torch.tensor([0.6520092487335205]), chunk=4).tolist() == [5]
+
+
 @pytest.mark.parametrize("chunk", [3, 4, 256])
 def test_two_level_inverse_cdf_equals_one_level(chunk):
     """Small integer masses and dyadic u keep every sum exact, so the pick must match exactly,

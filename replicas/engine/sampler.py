@@ -241,7 +241,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> torch
 
     Two levels, because a cumsum along a 128k-wide row runs on one block per row (~200 us for 64
     rows on an H200): pick the chunk of `chunk` tokens from the chunk masses, then the token inside
-    it. fp32 rounding can leave a target just outside the masses; each level clamps its pick to the
+    it. fp32 rounding can leave a target just outside the masses; each level clamps its pick into the
     span of entries with mass.
     """
     B, V = probs.shape
@@ -255,15 +255,14 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> torch
     rest = target - (cum.gather(1, j) - masses.gather(1, j))  # target's offset into chunk j
     cols = j * chunk + torch.arange(chunk, device=probs.device)
     inside = probs.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0)
-    return (j * chunk + _pick(inside.cumsum(dim=-1), rest)).view(-1)
+    # Rounding can make rest slightly negative: from 0, the pick is the chunk's first token with mass.
+    return (j * chunk + _pick(inside.cumsum(dim=-1), rest.clamp_(min=0.0))).view(-1)
 
 
 def _pick(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """First index whose cdf exceeds target, clamped to [first, last] index with mass: [B, 1]."""
+    """First index whose cdf exceeds target (>= 0), capped at the last index with mass: [B, 1]."""
     i = torch.searchsorted(cdf, target.contiguous(), right=True)
-    first = torch.searchsorted(cdf, torch.zeros_like(target), right=True)
-    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())
-    return torch.minimum(torch.maximum(i, first), last)
+    return torch.minimum(i, torch.searchsorted(cdf, cdf[:, -1:].contiguous()))
 
 
 class Sampler:
