@@ -83,8 +83,8 @@ class QueueDepthPolicy:
         state = dict(ctx.policy_state or {})
         target = ctx.target_num_replicas
         f = self.figures(ctx)
-        if f.reporting == 0 and f.handle_queued == 0 and ctx.current_num_replicas > 0:
-            # Replicas up but none has reported yet: no evidence either way.
+        if f.reporting == 0 and f.handle_queued == 0:
+            # No replica has reported yet (e.g. the first ones are still starting): no evidence either way.
             return target, _clear(state)
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         want = min(hi, max(lo, self.desired(f)))

@@ -189,27 +189,33 @@ def wait_ready(base: str, timeout_s: float = 120.0) -> None:
     wait_for(ok, timeout_s, 0.5, "app ready")
 
 
-def measure_scale_up(base: str, model_dir: str, concurrency: int = 12, target: int = 3) -> dict:
-    """Burst -> first decision line and -> `target` replicas RUNNING; then idle -> back to 1."""
+def measure_scale_up(base: str, model_dir: str, concurrency: int = 10, target: int = 3, **overrides) -> dict:
+    """Burst -> first decision line and -> `target` replicas RUNNING; then idle -> back to 1. Every
+    request of the burst is counted; the decision lines logged meanwhile come back too."""
     from ray import serve
-    deploy(autoscaling_config(model_dir))
-    wait_ready(base)
-    wait_for(lambda: running_replicas() == 1, 60, what="1 replica")
-    tail = LogTail()
-    load = ClosedLoop(base, concurrency, max_tokens=48).start()
-    t0 = time.monotonic()
-    wait_for(lambda: scaling_decisions(tail), 60, what="a scale-up decision")
-    decision_s = time.monotonic() - t0
-    wait_for(lambda: running_replicas() >= target, 90, what=f"{target} replicas")
-    running_s = time.monotonic() - t0
-    time.sleep(3)  # new replicas serve part of the burst
-    stats = load.stop()
-    t1 = time.monotonic()
-    wait_for(lambda: running_replicas() == 1 and sum(replica_states().values()) == 1, 90, what="back to 1")
-    down_s = time.monotonic() - t1
-    serve.delete(APP)
+    deploy(autoscaling_config(model_dir, **{"autoscaling.max_replicas": target, **overrides}))
+    try:
+        wait_ready(base)
+        wait_for(lambda: running_replicas() == 1, 60, what="1 replica")
+        tail = LogTail()
+        load = ClosedLoop(base, concurrency, max_tokens=48).start()
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: scaling_decisions(tail), 60, what="a scale-up decision")
+            decision_s = time.monotonic() - t0
+            wait_for(lambda: running_replicas() >= target, 90, what=f"{target} replicas")
+            running_s = time.monotonic() - t0
+            time.sleep(2)  # the new replicas serve part of the burst
+        finally:
+            stats = load.stop()
+        t1 = time.monotonic()
+        wait_for(lambda: replica_states() == {"RUNNING": 1}, 90, what="back to 1")
+        down_s = time.monotonic() - t1
+    finally:
+        serve.delete(APP)
     return {"decision_s": decision_s, "replicas_running_s": running_s, "scale_down_after_idle_s": down_s,
-            "requests_ok": stats.ok, "requests_failed": stats.failed, "decisions": scaling_decisions(tail)}
+            "requests_ok": stats.ok, "requests_failed": stats.failed, "errors": stats.errors[:5],
+            "decisions": scaling_decisions(tail)}
 
 
 def replica_ids(base: str, n: int = 24) -> set[str]:
@@ -225,27 +231,34 @@ def replica_ids(base: str, n: int = 24) -> set[str]:
     return ids
 
 
-def measure_replacement(base: str, model_dir: str) -> dict:
-    """2 replicas, one stalled: time to detect+remove it and to serve from its replacement."""
+def measure_replacement(base: str, model_dir: str, **overrides) -> dict:
+    """2 replicas under load, one stalled: time until Serve drops it (the replica exits once the stall
+    outlasts stall_timeout_s; Serve logs it crashed) and until its replacement has served a request."""
     from ray import serve
-    deploy(tiny_config(model_dir, **{"replicas.num_replicas": 2}))
-    wait_ready(base)
-    wait_for(lambda: running_replicas() == 2, 60, what="2 replicas")
-    before = replica_ids(base)
-    h = serve.get_deployment_handle(REPLICA, APP)
-    load = ClosedLoop(base, 4, max_tokens=16).start()
-    stuck = h._inject_fault.remote("stall").result(timeout_s=30)
-    t0 = time.monotonic()
-    wait_for(lambda: stuck not in replica_ids(base, 8), 60, what="stuck replica out of routing")
-    removed_s = time.monotonic() - t0
-    wait_for(lambda: len(replica_ids(base, 8) - before) >= 1 and running_replicas() == 2, 90,
-             what="replacement serving")
-    replaced_s = time.monotonic() - t0
-    time.sleep(1)
-    stats = load.stop()
-    serve.delete(APP)
-    return {"removed_from_routing_s": removed_s, "replacement_serving_s": replaced_s,
-            "requests_ok": stats.ok, "requests_failed": stats.failed, "errors": stats.errors[:5]}
+    deploy(tiny_config(model_dir, **{"replicas.num_replicas": 2, **overrides}))
+    try:
+        wait_ready(base)
+        wait_for(lambda: running_replicas() == 2, 60, what="2 replicas")
+        before = replica_ids(base)
+        tail = LogTail()
+        load = ClosedLoop(base, 4, max_tokens=16).start()
+        try:
+            time.sleep(1)
+            stuck = serve.get_deployment_handle(REPLICA, APP)._inject_fault.remote("stall").result(timeout_s=30)
+            t0 = time.monotonic()
+            wait_for(lambda: any("crashed" in ln for ln in tail.lines(f"id='{stuck}'")), 60,
+                     what="stuck replica dropped")
+            removed_s = time.monotonic() - t0
+            wait_for(lambda: running_replicas() == 2 and replica_ids(base, 8) - before, 90, what="replacement serving")
+            replaced_s = time.monotonic() - t0
+            time.sleep(1)
+        finally:
+            stats = load.stop()
+    finally:
+        serve.delete(APP)
+    return {"stall_to_dropped_s": removed_s, "stall_to_replacement_serving_s": replaced_s,
+            "requests_ok": stats.ok, "requests_failed": stats.failed, "max_latency_s": max(stats.latencies),
+            "errors": stats.errors[:5]}
 
 
 def main(argv=None) -> int:
@@ -276,9 +289,9 @@ def main(argv=None) -> int:
                   f"failed {r['requests_failed']}", flush=True)
             results["scale_up"].append(r)
             r = measure_replacement(base, model_dir)
-            print(f"replacement run {i}: out of routing {r['removed_from_routing_s']:.1f}s, replacement serving "
-                  f"{r['replacement_serving_s']:.1f}s, ok {r['requests_ok']} failed {r['requests_failed']}",
-                  flush=True)
+            print(f"replacement run {i}: stall -> dropped {r['stall_to_dropped_s']:.1f}s, -> replacement serving "
+                  f"{r['stall_to_replacement_serving_s']:.1f}s, ok {r['requests_ok']} failed {r['requests_failed']}, "
+                  f"max latency {r['max_latency_s']:.1f}s", flush=True)
             results["replacement"].append(r)
     finally:
         serve.shutdown()

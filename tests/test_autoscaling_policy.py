@@ -127,6 +127,8 @@ def test_min_replicas_and_scale_to_zero_from_one_only():
 def test_no_reports_yet_holds_the_target():
     p = policy(downscale_delay_s=0.0)
     assert p(ctx([], 3, lo=0, current=3))[0] == 3
+    # The first replica still starting (none running): not scaled away before it ever served.
+    assert p(ctx([], 1, lo=0, current=0))[0] == 1
     # Scaled to zero with nothing queued anywhere: stays at zero.
     assert p(ctx([], 0, lo=0, current=0))[0] == 0
 
