@@ -3,7 +3,8 @@
 The batch is packed as [decode tokens (one per sequence) | prefill chunks]. K/V of every scheduled token
 are written into their cache slots first, then attention reads the cache, so a chunk attends to its cached
 prefix (including blocks another sequence of the same step just wrote). This CPU path gathers each
-sequence's pages and calls SDPA; a GPU kernel reading pages in place can replace `paged_attention` alone.
+sequence's pages and calls SDPA; on GPU, `paged` metadata routes attention to the Triton kernel that reads
+the pages in place (`replicas.engine.kernels.paged_attention`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from replicas.engine.paged_metadata import PagedMetadata
 
 
 @dataclass
@@ -30,6 +33,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None  # [D, L] slots of each decoding sequence's context (padded)
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] True where the slot is part of the context
     prefills: list[PrefillSpan] = field(default_factory=list)
+    paged: PagedMetadata | None = None  # GPU: the Triton kernel's metadata; the fields above stay unused
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
@@ -78,6 +82,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]."""
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.paged is not None:
+        from replicas.engine.kernels.paged_attention import paged_attention as gpu_paged_attention
+        return gpu_paged_attention(q, k_cache, v_cache, meta.paged, scale)
     kf, vf = k_cache.view(-1, *k.shape[1:]), v_cache.view(-1, *v.shape[1:])
     out = torch.empty_like(q)
     d = meta.num_decodes

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from replicas.engine.attention import AttentionMetadata, paged_attention
+from replicas.engine.fused import fused
 from replicas.engine.models.args import ModelArgs
 from replicas.engine.models.layers import (
     MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
@@ -51,8 +52,13 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size, args.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
+
+
+@fused
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, -1)
+    return nn.functional.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Imported only on CUDA code paths: the CPU build has no Triton."""

@@ -1,0 +1,108 @@
+"""Paged attention on GPU (Triton): every packed query row of a step attends to its sequence's KV pages in
+place, read through the block table (no gather), causally by absolute position. One kernel serves decodes,
+prefill chunks and chunks over a cached prefix alike (see `replicas.engine.paged_metadata`).
+
+Grid: (query blocks, KV heads). A program holds `block_q` tokens x the query heads of one KV head as the
+rows of its Q tile, streams K/V tiles of `TILE` positions (several pages) with an online softmax, and
+writes its rows once. Padded rows (past the sequence's tokens, or the GQA group's tail) compute on zeros
+and are never stored.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from replicas.engine.paged_metadata import PagedMetadata
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+        out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, qblock_seq_ptr,
+        qblock_first_ptr, qk_scale,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(qblock_seq_ptr + pid)
+    q_first = tl.load(qblock_first_ptr + pid)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    ctx = seq_len - q_len  # position of the sequence's first query token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_first + offs_m // QPK
+    head = kvh * QPK + offs_m % QPK
+    row_ok = (offs_m < BLOCK_Q * QPK) & (tok < q_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = ctx + tok
+    # Keys up to the block's last query token (causal); never past the context.
+    kv_end = tl.minimum(seq_len, ctx + q_first + BLOCK_Q)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_t = tl.arange(0, TILE)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for t0 in range(0, kv_end, TILE):
+        pos = t0 + offs_t
+        t_ok = pos < kv_end
+        page = tl.load(bt_row + pos // PAGE, mask=t_ok, other=0).to(tl.int64)
+        in_page = pos % PAGE
+        k_off = page * stride_kb + in_page * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:  # fp32 caches: no tf32 rounding
+            s = tl.dot(q, k, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, k) * qk_scale  # [BLOCK_M, TILE], log2 domain
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_off = page * stride_vb + in_page * stride_vs + kvh * stride_vh
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D] packed rows; caches [num_blocks, block_size, KVH, D] (the step's K/V already stored).
+    Returns [T, H, D]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    qpk = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tile = 64 if block_d <= 128 else 32
+    grid = (meta.qblock_seq.shape[0], num_kv_heads)
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, meta.qblock_seq,
+        meta.qblock_first, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
+        QPK=qpk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta.block_m, BLOCK_Q=meta.block_q,
+        PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    return out

@@ -1,0 +1,61 @@
+"""A line-by-line torch emulation of the Triton paged-attention kernel (replicas/engine/kernels/
+paged_attention.py), program by program and tile by tile, so its index arithmetic (query blocks, GQA rows,
+page lookup, causal bound, online softmax) is tested on CPU, where Triton does not run. Keep in step
+with the kernel."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from replicas.engine.paged_metadata import PagedMetadata
+
+
+def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                            scale: float, tile: int = 64) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    qpk = num_heads // num_kv_heads
+    block_m, block_q = meta.block_m, meta.block_q
+    out = torch.full_like(q, float("nan"))
+    qk_scale = scale * 1.4426950408889634
+    for pid in range(meta.qblock_seq.shape[0]):
+        for kvh in range(num_kv_heads):
+            seq = int(meta.qblock_seq[pid])
+            q_first = int(meta.qblock_first[pid])
+            q_start = int(meta.query_start[seq])
+            q_len = int(meta.query_start[seq + 1]) - q_start
+            seq_len = int(meta.seq_lens[seq])
+            ctx = seq_len - q_len
+            offs_m = torch.arange(block_m)
+            tok = q_first + offs_m // qpk
+            head = kvh * qpk + offs_m % qpk
+            row_ok = (offs_m < block_q * qpk) & (tok < q_len)
+            rows = q_start + tok
+            qt = torch.zeros(block_m, head_dim, dtype=q.dtype)
+            qt[row_ok] = q[rows[row_ok], head[row_ok]]
+            q_pos = ctx + tok
+            kv_end = min(seq_len, ctx + q_first + block_q)
+            m_i = torch.full((block_m,), -math.inf, dtype=q.dtype)
+            l_i = torch.zeros(block_m, dtype=q.dtype)
+            acc = torch.zeros(block_m, head_dim, dtype=q.dtype)
+            for t0 in range(0, kv_end, tile):
+                pos = t0 + torch.arange(tile)
+                t_ok = pos < kv_end
+                pages = torch.where(t_ok, meta.block_tables[seq][torch.where(t_ok, pos // page, 0)], 0).long()
+                in_page = pos % page
+                k = torch.where(t_ok[:, None], k_cache[pages, in_page, kvh], 0.0)  # [TILE, D]
+                s = (qt @ k.T) * qk_scale
+                s = torch.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, -math.inf)
+                m_new = torch.maximum(m_i, s.max(1).values)
+                m_use = torch.where(m_new == -math.inf, 0.0, m_new)
+                p = torch.exp2(s - m_use[:, None])
+                alpha = torch.exp2(m_i - m_use)
+                l_i = l_i * alpha + p.sum(1)
+                v = torch.where(t_ok[:, None], v_cache[pages, in_page, kvh], 0.0)
+                acc = acc * alpha[:, None] + p @ v
+                m_i = m_new
+            l_i = torch.where(l_i == 0.0, 1.0, l_i)
+            res = acc / l_i[:, None]
+            out[rows[row_ok], head[row_ok]] = res[row_ok]
+    return out

@@ -1,0 +1,74 @@
+"""The GPU attention kernel's step metadata (built on the host, so tested here on CPU): positions, slots,
+context lengths and the query blocks of each program, plus a line-by-line torch emulation of the Triton
+kernel's loop (tests/paged_kernel_emulation.py) checked against the CPU attention path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replicas.engine.attention import AttentionMetadata, paged_attention
+from replicas.engine.paged_metadata import build_step_tensors, query_heads_per_program
+from tests.paged_kernel_emulation import emulate_paged_attention
+
+
+def _step(block_size: int, seed: int = 0):
+    """3 decodes, a fresh prefill and a chunk over a cached prefix, on shuffled blocks of one pool."""
+    g = torch.Generator().manual_seed(seed)
+    # (start, tokens this step)
+    shapes = [(5, 1), (17, 1), (0, 1), (0, 13), (21, 9)]
+    perm = torch.randperm(64, generator=g).tolist()
+    tables, used = [], 0
+    for start, n in shapes:
+        nb = -(-(start + n) // block_size)
+        tables.append(perm[used:used + nb])
+        used += nb
+    return tables, [s for s, _ in shapes], [n for _, n in shapes]
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_positions_slots_and_lengths_match_cpu_metadata(block_size):
+    tables, starts, lengths = _step(block_size)
+    pos, slots, meta = build_step_tensors(tables, starts, lengths, block_size, heads_per_kv=4, device="cpu")
+    ref = AttentionMetadata.build(tables, starts, lengths, block_size, torch.device("cpu"))
+    assert slots.tolist() == ref.slot_mapping.tolist()
+    assert pos.tolist() == [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
+    assert meta.seq_lens.tolist() == [s + n for s, n in zip(starts, lengths)]
+    assert meta.query_start.tolist() == [0, 1, 2, 3, 16, 25]
+    assert meta.block_tables.shape == (5, max(map(len, tables)))
+    for i, bt in enumerate(tables):
+        assert meta.block_tables[i, :len(bt)].tolist() == bt
+
+
+@pytest.mark.parametrize("heads_per_kv,num_tokens,max_q,want", [
+    (4, 1, 1, (16, 4)), (4, 600, 1, (16, 4)), (4, 600, 512, (64, 16)), (4, 40, 32, (16, 4)),
+    (3, 40, 32, (16, 5)), (32, 1, 1, (32, 1)), (1, 2048, 2048, (64, 64))])
+def test_query_block_shape(heads_per_kv, num_tokens, max_q, want):
+    assert query_heads_per_program(heads_per_kv, num_tokens, max_q) == want
+
+
+@pytest.mark.parametrize("heads_per_kv", [1, 3, 4])
+def test_every_query_token_in_exactly_one_program(heads_per_kv):
+    tables, starts, lengths = _step(4)
+    _, _, meta = build_step_tensors(tables, starts, lengths, 4, heads_per_kv, device="cpu")
+    covered = []
+    for seq, first in zip(meta.qblock_seq.tolist(), meta.qblock_first.tolist()):
+        covered += [(seq, t) for t in range(first, min(first + meta.block_q, lengths[seq]))]
+    assert sorted(covered) == [(i, t) for i, n in enumerate(lengths) for t in range(n)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(8, 2, 16, 4), (9, 3, 32, 16), (4, 4, 16, 8)])
+def test_kernel_emulation_matches_cpu_attention(heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(0)
+    tables, starts, lengths = _step(block_size, seed=heads)
+    t = sum(lengths)
+    k_cache = torch.randn(64, block_size, kv_heads, head_dim, dtype=torch.float64)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(t, heads, head_dim, dtype=torch.float64)
+    k = torch.randn(t, kv_heads, head_dim, dtype=torch.float64)
+    v = torch.randn_like(k)
+    scale = head_dim ** -0.5
+    ref_meta = AttentionMetadata.build(tables, starts, lengths, block_size, torch.device("cpu"))
+    ref = paged_attention(q, k, v, k_cache, v_cache, ref_meta, scale)  # also stores k/v into the caches
+    _, _, meta = build_step_tensors(tables, starts, lengths, block_size, heads // kv_heads, device="cpu")
+    out = emulate_paged_attention(q, k_cache, v_cache, meta, scale, tile=8)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
