@@ -34,6 +34,10 @@ class Ticket:
         self._admission = admission
         self._queued = True
 
+    @property
+    def queued(self) -> bool:
+        return self._queued
+
     def started(self) -> None:
         if self._queued:
             self._queued = False

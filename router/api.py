@@ -15,9 +15,12 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+import ray
 from ray import serve
 
 from cluster.config import ClusterConfig
+from cluster.metrics import request_status
+from cluster.model_prep import served_model_id
 from replicas.protocol import GenerationRequest, SamplingParams
 from router.admission import Admission, Ticket
 from router.auth import ApiKeys
@@ -35,7 +38,6 @@ log = logging.getLogger("llm_cluster.router")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MODEL_INFO_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 2.0
-ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"})
 _ERROR_RESPONSES = {s: {"description": t} for s, t in ERROR_TYPES.items() if s in (400, 401, 404, 413, 429, 503)}
 
 
@@ -47,9 +49,9 @@ class OpenAIRouter:
         self.replicas = replicas
         self.keys = ApiKeys.from_config(config)
         self.keys.announce()
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(served_model_id(config.engine), ray=ray.is_initialized())
         self.admission = Admission(config.router.max_queued_requests, config.router.num_router_replicas)
-        self.metrics.queued.set_function(lambda: self.admission.queued)
+        self._in_flight = 0
         self._preparer: PromptPreparer | None = None
         self._preparer_lock = asyncio.Lock()
         self._active_ids: set[str] = set()
@@ -97,7 +99,7 @@ class OpenAIRouter:
         fmt = lambda rid: CompletionFormatter(  # noqa: E731
             f"cmpl-{rid}", p.info.model_id, len(specs) * (body.n or 1), logprobs=body.logprobs is not None,
             include_usage=body.include_usage)
-        return await self._serve(request, "/v1/completions", specs, fmt, bool(body.stream))
+        return await self._serve(request, specs, fmt, bool(body.stream))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         p = await self.preparer()
@@ -109,7 +111,7 @@ class OpenAIRouter:
         fmt = lambda rid: ChatFormatter(  # noqa: E731
             f"chatcmpl-{rid}", p.info.model_id, body.n or 1, logprobs=bool(body.logprobs),
             include_usage=body.include_usage)
-        return await self._serve(request, "/v1/chat/completions", specs, fmt, bool(body.stream))
+        return await self._serve(request, specs, fmt, bool(body.stream))
 
     async def models(self) -> ModelList:
         p = await self.preparer()
@@ -130,7 +132,7 @@ class OpenAIRouter:
         self._active_ids.add(rid)
         return rid
 
-    async def _serve(self, request: Request, endpoint: str, specs: list[tuple[list[int], SamplingParams, list[int]]],
+    async def _serve(self, request: Request, specs: list[tuple[list[int], SamplingParams, list[int]]],
                      make_fmt: Callable[[str], _Formatter], stream: bool) -> Response:
         ticket = self.admission.admit()
         rid = self._claim_id(request.state.request_id)
@@ -139,7 +141,7 @@ class OpenAIRouter:
                                       sampling=sampling, block_hashes=hashes)
                     for k, (ids, sampling, hashes) in enumerate(specs)]
             gens = [ResumableGeneration(self.replicas, r, max_attempts=self.config.router.max_attempts,
-                                        on_event=self.metrics.on_failover_event) for r in reqs]
+                                        metrics=self.metrics) for r in reqs]
             fmt = make_fmt(rid)
         except BaseException:
             ticket.release()
@@ -147,7 +149,7 @@ class OpenAIRouter:
             raise
         usage = lambda: _usage(gens)  # noqa: E731
         # _observed's cleanup releases the ticket and the id once the generator has started (next line).
-        chunks = self._observed(_merged(gens, reqs[0].sampling.n), gens, ticket, rid, endpoint, request)
+        chunks = self._observed(_merged(gens, reqs[0].sampling.n), gens, ticket, rid, request)
         try:
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -163,35 +165,37 @@ class OpenAIRouter:
         return Response(result.model_dump_json(), media_type="application/json")
 
     async def _observed(self, chunks: IndexedChunks, gens: list[ResumableGeneration], ticket: Ticket,
-                        rid: str, endpoint: str, request: Request) -> IndexedChunks:
-        """Latency metrics on the way through; releases the admission slot and records usage at the end."""
-        m = self.metrics
-        t0 = request.state.t0
-        last: dict[int, float] = {}
-        m.in_flight.inc()
+                        rid: str, request: Request) -> IndexedChunks:
+        """Request metrics on the way through; releases the admission slot and records usage at the end."""
+        request.state.observed = True  # llmc_requests_total comes from here, with the final status
+        obs = self.metrics.observer(request.state.t0)
+        status = "error"
+        self._in_flight += 1
+        self.metrics.load(self.admission.queued, self._in_flight)
         try:
             async for index, chunk in chunks:
-                now = time.perf_counter()
-                if not last:
+                if ticket.queued:
                     ticket.started()
-                    m.ttft.labels(endpoint).observe(now - t0)
-                elif chunk.token_ids and index in last:
-                    m.itl.labels(endpoint).observe((now - last[index]) / len(chunk.token_ids))
-                last[index] = now
+                    self.metrics.load(self.admission.queued, self._in_flight)
+                obs.tokens(len(chunk.token_ids))
                 yield index, chunk
-            m.e2e.labels(endpoint).observe(time.perf_counter() - t0)
+            status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = request_status(cancelled=True)
+            raise
+        except APIError as e:
+            status = request_status(e.status)
+            raise
         finally:
             ticket.release()
-            m.in_flight.dec()
+            self._in_flight -= 1
             self._active_ids.discard(rid)
+            self.metrics.load(self.admission.queued, self._in_flight)
             u = _usage(gens)
-            m.prompt_tokens.inc(u.prompt_tokens)
-            m.completion_tokens.inc(u.completion_tokens)
-            m.cached_tokens.inc(u.prompt_tokens_details.cached_tokens)
-            request.state.prompt_tokens = u.prompt_tokens
-            request.state.completion_tokens = u.completion_tokens
-            request.state.cached_tokens = u.prompt_tokens_details.cached_tokens
-            request.state.attempts = max(g.attempts for g in gens)
+            obs.finish(status, u.prompt_tokens, u.completion_tokens)
+            st = request.state
+            st.prompt_tokens, st.completion_tokens = u.prompt_tokens, u.completion_tokens
+            st.cached_tokens, st.attempts = u.prompt_tokens_details.cached_tokens, max(g.attempts for g in gens)
 
     # ------------------------------------------------------------------ app
 
@@ -225,7 +229,7 @@ class OpenAIRouter:
             return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
         app.add_middleware(Gatekeeper, keys=self.keys, max_body_bytes=self.config.router.max_body_bytes,
-                           metrics=self.metrics, endpoints=ENDPOINTS)
+                           metrics=self.metrics)
         return app
 
 

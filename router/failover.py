@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from replicas.protocol import EngineError, GenerationChunk, GenerationRequest
 from router.errors import APIError
+
+if TYPE_CHECKING:
+    from router.metrics import RouterMetrics
 
 log = logging.getLogger("llm_cluster.router")
 
@@ -50,15 +53,14 @@ class ResumableGeneration:
     """Streams one GenerationRequest's chunks, failing over between replicas.
 
     `delivered[i]` holds choice i's tokens already yielded; `finished[i]` whether its last chunk went out.
-    `on_event(kind)` is told "retry" (before any token) or "failover" (mid-stream) for metrics.
     """
 
     def __init__(self, replicas: Any, request: GenerationRequest, *, max_attempts: int,
-                 on_event: Callable[[str], None] | None = None, backoff_s: float = BACKOFF_S):
+                 metrics: "RouterMetrics | None" = None, backoff_s: float = BACKOFF_S):
         self.replicas = replicas
         self.request = request
         self.max_attempts = max_attempts
-        self.on_event = on_event or (lambda kind: None)
+        self.metrics = metrics
         self.backoff_s = backoff_s
         n = request.sampling.n
         self.delivered: list[list[int]] = [[] for _ in range(n)]
@@ -118,12 +120,18 @@ class ResumableGeneration:
                 if all(self.finished):
                     done = True
                     return  # the replica died after the last token: nothing is missing
-                kind = "failover" if any(self.delivered) else "retry"
-                log.warning("request %s: replica failed (%s: %s), attempt %d/%d, %s", self.request.request_id,
-                            type(exc).__name__, exc, self.attempts, self.max_attempts, kind)
-                if self.attempts >= self.max_attempts:
+                mid_stream = any(self.delivered)
+                log.warning("request %s: replica failed (%s: %s), attempt %d/%d%s", self.request.request_id,
+                            type(exc).__name__, exc, self.attempts, self.max_attempts,
+                            ", mid-stream" if mid_stream else "")
+                exhausted = self.attempts >= self.max_attempts
+                if self.metrics is not None:
+                    if mid_stream:
+                        self.metrics.failover("exhausted" if exhausted else "resumed")
+                    elif not exhausted:
+                        self.metrics.retry(_reason(exc))
+                if exhausted:
                     raise ReplicaFailed(self.attempts, exc) from None
-                self.on_event(kind)
             finally:
                 if stream is not None and not done:
                     # Client gone, error, or abort: make the replica drop the request and free its blocks.
@@ -133,6 +141,18 @@ class ResumableGeneration:
 
 class _Aborted(Exception):
     pass
+
+
+def _reason(exc: BaseException) -> str:
+    """The llmc_request_retries_total reason (cluster.metrics RETRY_REASONS)."""
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    if isinstance(exc, ActorDiedError):
+        return "replica_died"
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError, _Aborted)):
+        return "replica_unavailable"
+    return "error"
 
 
 def _cancel(stream: Any) -> None:

@@ -36,13 +36,11 @@ def request_id_from(header: bytes | None) -> str:
 
 
 class Gatekeeper:
-    def __init__(self, app, *, keys: ApiKeys, max_body_bytes: int, metrics: RouterMetrics,
-                 endpoints: frozenset[str]):
+    def __init__(self, app, *, keys: ApiKeys, max_body_bytes: int, metrics: RouterMetrics):
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
-        self.endpoints = endpoints  # metric label values; anything else is "other" (bounded cardinality)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -112,10 +110,10 @@ class Gatekeeper:
 
     def _record(self, scope, state: dict, status: int, t0: float) -> None:
         path = scope["path"]
-        endpoint = path if path in self.endpoints else "other"
-        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        if endpoint in ("/health", "/ready", "/metrics"):
-            return  # probes and scrapes would drown the access log
+        if not path.startswith("/v1/"):
+            return  # probes, scrapes and docs: neither API requests nor worth a log line each
+        if not state.get("observed"):  # generation requests count themselves (final status, tokens)
+            self.metrics.request_done(status, cancelled=status == CLIENT_CLOSED)
         access_log.info(json.dumps({
             "request_id": state.get("request_id"), "method": scope["method"], "path": path, "status": status,
             "latency_ms": round((time.perf_counter() - t0) * 1000, 2),

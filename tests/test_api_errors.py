@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied
+from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied, metric_value
 
 PROMPT = [5, 6, 7, 8]
 
@@ -150,7 +150,8 @@ async def test_admission_429_with_retry_after(make_api):
     # After the first token the slot is free again.
     assert (await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})).status_code == 200
     metrics = (await client.get("/metrics")).text
-    assert 'llmc_router_requests_total{endpoint="/v1/completions",status="429"} 1.0' in metrics
+    assert metric_value(metrics, 'llmc_requests_total{model="tiny",status="overloaded"}') == 1
+    assert metric_value(metrics, 'llmc_requests_total{model="tiny",status="ok"}') == 2
 
 
 async def test_no_healthy_replica_is_503(make_api):

@@ -6,7 +6,7 @@ import json
 import logging
 
 from kvstore.hashing import block_hashes, extra_key
-from tests.fixtures.fake_replicas import FakeReplica, expected_text, sse_events, token_at
+from tests.fixtures.fake_replicas import FakeReplica, expected_text, metric_value, sse_events, token_at
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
 
@@ -176,15 +176,19 @@ async def test_models_health_metrics(make_api):
     assert (await client.get("/health")).json() == {"status": "ok"}
     await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
     await client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 9})
+    await client.post("/v1/completions", json={"prompt": PROMPT}, headers={"content-length": "99999999"})
     m = (await client.get("/metrics")).text
-    assert 'llmc_router_requests_total{endpoint="/v1/completions",status="200"} 1.0' in m
-    assert 'llmc_router_requests_total{endpoint="/v1/completions",status="400"} 1.0' in m
-    assert 'llmc_router_ttft_seconds_count{endpoint="/v1/completions"} 1.0' in m
-    assert 'llmc_router_itl_seconds_count{endpoint="/v1/completions"} 2.0' in m
-    assert 'llmc_router_e2e_seconds_count{endpoint="/v1/completions"} 1.0' in m
-    assert "llmc_router_completion_tokens_total 3.0" in m and "llmc_router_prompt_tokens_total 9.0" in m
-    assert "llmc_router_queued_requests 0.0" in m and "llmc_router_in_flight_requests 0.0" in m
-    assert "llmc_router_failovers_total 0.0" in m and "llmc_router_retries_total 0.0" in m
+    v = lambda sample: metric_value(m, sample)  # noqa: E731
+    assert v('llmc_requests_total{model="tiny",status="ok"}') == 2  # /v1/models and the completion
+    assert v('llmc_requests_total{model="tiny",status="bad_request"}') == 1
+    assert v('llmc_requests_total{model="tiny",status="too_large"}') == 1
+    assert v('llmc_time_to_first_token_seconds_count{model="tiny"}') == 1
+    assert v('llmc_inter_token_latency_seconds_count{model="tiny"}') == 2
+    assert v('llmc_e2e_request_latency_seconds_count{model="tiny"}') == 1
+    assert v('llmc_generation_tokens_total{model="tiny"}') == 3 and v('llmc_prompt_tokens_total{model="tiny"}') == 9
+    assert 'llmc_router_queued_requests{model="tiny"} 0.0' in m
+    assert 'llmc_router_in_flight_requests{model="tiny"} 0.0' in m
+    assert "llmc_failovers_total" in m and "llmc_request_retries_total" in m
     assert (await client.get("/openapi.json")).json()["paths"]["/v1/chat/completions"]
 
 

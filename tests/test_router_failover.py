@@ -7,14 +7,9 @@ import json
 
 import pytest
 
-from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied, expected_text, sse_events, token_at
+from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied, expected_text, metric_value, sse_events, token_at
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
-
-
-def metric(text: str, name: str) -> float:
-    line = next(x for x in text.splitlines() if x.startswith(name + " "))
-    return float(line.split()[-1])
 
 
 async def test_retry_before_first_token(make_api):
@@ -27,7 +22,8 @@ async def test_retry_before_first_token(make_api):
     assert [q.request_id for q in a.requests] == ["rq"] and [q.request_id for q in b.requests] == ["rq-2"]
     assert b.requests[0].resume_token_ids is None  # nothing was delivered yet
     m = (await client.get("/metrics")).text
-    assert metric(m, "llmc_router_retries_total") == 1 and metric(m, "llmc_router_failovers_total") == 0
+    assert metric_value(m, 'llmc_request_retries_total{model="tiny",reason="replica_died"}') == 1
+    assert "llmc_failovers_total{" not in m
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -51,7 +47,8 @@ async def test_mid_stream_failover_continues_exactly(make_api, stream):
     assert b.requests[0].resume_token_ids == [[token_at(PROMPT, 0, j) for j in range(3)]]
     assert b.requests[0].prompt_token_ids == PROMPT
     m = (await client.get("/metrics")).text
-    assert metric(m, "llmc_router_failovers_total") == 1 and metric(m, "llmc_router_retries_total") == 0
+    assert metric_value(m, 'llmc_failovers_total{model="tiny",outcome="resumed"}') == 1
+    assert "llmc_request_retries_total{" not in m
 
 
 async def test_mid_stream_failover_n2_with_seed(make_api):
@@ -106,6 +103,10 @@ async def test_attempts_exhausted_mid_stream_ends_with_error_event(make_api):
     text = "".join(json.loads(p[6:])["choices"][0]["text"] for p in parts[:-3])
     assert text == expected_text(PROMPT, 0, 3)  # what was delivered is a clean prefix
     assert len(handle.requests) == 2 and reps[1].requests == []  # bounded by max_attempts
+    m = (await client.get("/metrics")).text
+    assert metric_value(m, 'llmc_failovers_total{model="tiny",outcome="resumed"}') == 1
+    assert metric_value(m, 'llmc_failovers_total{model="tiny",outcome="exhausted"}') == 1
+    assert metric_value(m, 'llmc_requests_total{model="tiny",status="unavailable"}') == 1
 
 
 async def test_attempts_exhausted_non_stream_is_503(make_api):
@@ -179,4 +180,5 @@ async def test_client_disconnect_cancels_replica_call(make_api):
     assert len(seen) < 100
     assert api.admission.queued == 0 and not api._active_ids
     m = (await client.get("/metrics")).text
-    assert metric(m, "llmc_router_in_flight_requests") == 0
+    assert metric_value(m, 'llmc_router_in_flight_requests{model="tiny"}') == 0
+    assert metric_value(m, 'llmc_requests_total{model="tiny",status="cancelled"}') == 1
