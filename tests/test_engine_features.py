@@ -200,3 +200,21 @@ def test_mixed_finish_abort_preempt_leaves_no_leak(tiny_model_dir):
     assert engine.stats().num_preemptions > 0
     assert _free_all(engine)
     assert torch.equal(torch.tensor(sorted(engine.block_manager.free)), torch.arange(20))
+
+
+def test_error_in_one_request_fails_it_alone(engine, prompt):
+    engine.add_request(request("bad", prompt, SamplingParams(n=2, max_tokens=4, temperature=0.0, ignore_eos=True)))
+    engine.add_request(request("good", prompt[:9], greedy(4)))
+    engine.step()  # prefill; each choice has sampled its first token
+
+    def broken(token_ids):
+        raise ValueError("detokenizer bug")
+    for c in engine.requests["bad"].choices:
+        c.detok.append = broken
+    chunks = []
+    while engine.has_unfinished():
+        chunks += engine.step()
+    failures = engine.take_failures()
+    assert [(rid, str(e)) for rid, e in failures] == [("bad", "detokenizer bug")]
+    assert {c.request_id for c in chunks} == {"good"} and chunks[-1].usage.completion_tokens == 4
+    assert _free_all(engine)

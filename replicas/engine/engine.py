@@ -213,7 +213,9 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs) -> list[GenerationChunk]:
         chunks = []
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            state = self.requests[seq.request_id]
+            state = self.requests.get(seq.request_id)
+            if state is None:  # another choice of this request failed earlier in this loop
+                continue
             try:
                 chunk = self._append_token(state, state.choices[seq.index], tok,
                                            logprobs[i] if logprobs else None)
