@@ -17,7 +17,7 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    __slots__ = ("request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
+    __slots__ = ("request_id", "index", "token_ids", "prompt_token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
                  "block_hashes", "num_hashed_blocks", "status", "params", "priority", "arrival",
                  "num_cached_tokens")
 
@@ -27,6 +27,7 @@ class Sequence:
         self.request_id = request_id
         self.index = index  # choice index in [0, n)
         self.token_ids = list(prompt_token_ids) + list(output_token_ids)
+        self.prompt_token_ids = prompt_token_ids  # shared by a request's choices; read per step by the sampler
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or is being written this step)
         self.block_table: list[int] = []
@@ -46,10 +47,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:
