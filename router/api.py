@@ -38,6 +38,7 @@ log = logging.getLogger("llm_cluster.router")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MODEL_INFO_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 2.0
+LARGE_BODY_BYTES = 32 * 1024
 _ERROR_RESPONSES = {s: {"description": t} for s, t in ERROR_TYPES.items() if s in (400, 401, 404, 413, 429, 503)}
 
 
@@ -94,8 +95,9 @@ class OpenAIRouter:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         p = await self.preparer()
         self._check_model(body.model, p)
+        prompts = await _off_loop_if_large(request, p.completion_prompts, body.prompt)
         specs = [(ids, body.sampling(p.max_tokens(len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)),
-                  p.block_hashes(ids)) for ids in p.completion_prompts(body.prompt)]
+                  p.block_hashes(ids)) for ids in prompts]
         fmt = lambda rid: CompletionFormatter(  # noqa: E731
             f"cmpl-{rid}", p.info.model_id, len(specs) * (body.n or 1), logprobs=body.logprobs is not None,
             include_usage=body.include_usage)
@@ -104,7 +106,7 @@ class OpenAIRouter:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         p = await self.preparer()
         self._check_model(body.model, p)
-        ids = p.encode_chat(body.template_messages())
+        ids = await _off_loop_if_large(request, p.encode_chat, body.template_messages())
         p.check_ids(ids)
         specs = [(ids, body.sampling(p.max_tokens(len(ids), body.requested_max_tokens(), None)),
                   p.block_hashes(ids))]
@@ -159,9 +161,12 @@ class OpenAIRouter:
             raise
         chunks = _prepend(first, chunks)
         if stream:
-            return StreamingResponse(fmt.stream(chunks, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        result = await fmt.aggregate(chunks, usage)
+            return _ClosingStreamingResponse(fmt.stream(chunks, usage), media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache"})
+        try:
+            result = await fmt.aggregate(chunks, usage)
+        finally:
+            await chunks.aclose()
         return Response(result.model_dump_json(), media_type="application/json")
 
     async def _observed(self, chunks: IndexedChunks, gens: list[ResumableGeneration], ticket: Ticket,
@@ -187,6 +192,7 @@ class OpenAIRouter:
             status = request_status(e.status)
             raise
         finally:
+            await chunks.aclose()
             ticket.release()
             self._in_flight -= 1
             self._active_ids.discard(rid)
@@ -251,6 +257,14 @@ async def _awaited(x):
     return await x
 
 
+async def _off_loop_if_large(request: Request, fn: Callable, arg):
+    # Tokenizing a long prompt takes milliseconds to seconds: off the event loop every stream shares.
+    # Short ones stay inline, where a thread hop would cost more than the work.
+    if int(request.headers.get("content-length") or 0) > LARGE_BODY_BYTES:
+        return await asyncio.to_thread(fn, arg)
+    return fn(arg)
+
+
 def _usage(gens: list[ResumableGeneration]) -> UsageInfo:
     return UsageInfo.of(sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens),
                         sum(g.cached_tokens for g in gens))
@@ -266,14 +280,29 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         await rest.aclose()
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator however the response ends: Starlette leaves it suspended when the client
+    goes away, and only its closing cancels the replica call (freeing the request's KV blocks)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 _END = object()
 
 
 async def _merged(gens: list[ResumableGeneration], n: int) -> IndexedChunks:
     """Chunks of all prompts' generations as they come; prompt k's choice i is response choice k*n+i."""
     if len(gens) == 1:
-        async for chunk in gens[0]:
-            yield chunk.index, chunk
+        it = gens[0].__aiter__()
+        try:
+            async for chunk in it:
+                yield chunk.index, chunk
+        finally:
+            await it.aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 

@@ -4,14 +4,17 @@ formats (completions: parallel lists; chat: per-token objects).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import AsyncIterator, Callable
 
 from replicas.protocol import GenerationChunk, TokenLogprob
-from router.errors import APIError, sse_error_event
+from router.errors import APIError, internal_error, sse_error_event
 from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                              ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,
                              CompletionChunk, CompletionLogprobs, CompletionResponse, TopLogprob, UsageInfo)
+
+log = logging.getLogger("llm_cluster.router")
 
 DONE = "data: [DONE]\n\n"
 IndexedChunks = AsyncIterator[tuple[int, GenerationChunk]]  # (choice index in the response, chunk)
@@ -32,18 +35,26 @@ class _Formatter:
 
     async def stream(self, chunks: IndexedChunks, usage: Callable[[], UsageInfo]) -> AsyncIterator[str]:
         try:
-            for event in self._opening():
-                yield event
-            async for index, chunk in chunks:
-                if chunk.text or chunk.token_ids or chunk.finish_reason:
-                    yield self._event(index, chunk)
-        except APIError as err:  # every replica failed mid-stream: end the stream cleanly
-            yield sse_error_event(err)
+            try:
+                for event in self._opening():
+                    yield event
+                async for index, chunk in chunks:
+                    if chunk.text or chunk.token_ids or chunk.finish_reason:
+                        yield self._event(index, chunk)
+            except APIError as err:  # every replica failed mid-stream: end the stream cleanly
+                yield sse_error_event(err)
+                yield DONE
+                return
+            except Exception:  # a bug of ours mid-stream: still end the stream in the documented shape
+                log.exception("stream %s failed", self.id)
+                yield sse_error_event(internal_error())
+                yield DONE
+                return
+            if self.include_usage:
+                yield self._usage_event(usage())
             yield DONE
-            return
-        if self.include_usage:
-            yield self._usage_event(usage())
-        yield DONE
+        finally:
+            await chunks.aclose()  # stopped early (client gone, error): the replica call is cancelled
 
     def _opening(self) -> list[str]:
         return []

@@ -198,3 +198,33 @@ async def test_request_id_echoed_on_errors_and_success(make_api):
     # Unsafe ids are replaced, not echoed.
     r = await client.get("/health", headers={"x-request-id": "bad id with spaces"})
     assert r.headers["x-request-id"] != "bad id with spaces"
+
+
+async def test_unexpected_error_is_500_in_the_same_shape(make_api):
+    api, handle, client = make_api()
+
+    async def broken_info():
+        return {"model_id": "tiny"}  # a replica answering garbage: a bug, not the client's fault
+
+    handle.model_info.remote = broken_info
+    r = await client.post("/v1/completions", json={"prompt": PROMPT}, headers={"x-request-id": "boom"})
+    assert_error(r, 500, "internal_error", code="internal_error")
+    assert r.headers["x-request-id"] == "boom"
+
+
+async def test_method_not_allowed_in_the_same_shape(make_api):
+    _, _, client = make_api()
+    assert_error(await client.get("/v1/completions"), 405, "invalid_request_error", code="method_not_allowed")
+
+
+async def test_large_prompt_is_tokenized_off_the_event_loop(make_api, monkeypatch):
+    import threading
+
+    api, handle, client = make_api(handle_kw={"max_model_len": 100_000})
+    await client.get("/ready")
+    threads = []
+    encode = api._preparer.encode
+    monkeypatch.setattr(api._preparer, "encode", lambda t: threads.append(threading.current_thread()) or encode(t))
+    await client.post("/v1/completions", json={"prompt": "fox " * 20_000, "max_tokens": 1})
+    await client.post("/v1/completions", json={"prompt": "fox", "max_tokens": 1})
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()

@@ -213,3 +213,18 @@ async def test_duplicate_client_request_ids_get_distinct_engine_ids(make_api):
     assert all(r.status_code == 200 and r.headers["x-request-id"] == "same" for r in rs)
     ids = [q.request_id for q in handle.requests]
     assert len(set(ids)) == 3 and "same" in ids
+
+
+async def test_router_bug_mid_stream_ends_with_error_event(make_api, monkeypatch):
+    from router.responses import CompletionFormatter
+
+    def broken(self, index, chunk):
+        raise RuntimeError("formatter bug")
+
+    monkeypatch.setattr(CompletionFormatter, "_event", broken)
+    _, handle, client = make_api()
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    event = json.loads(r.text.split("\n\n")[0][6:])
+    assert event["error"]["type"] == "internal_error"
+    assert handle.streams[0].cancelled or handle.replicas[0].active == 0
