@@ -261,6 +261,31 @@ def measure_replacement(base: str, model_dir: str, **overrides) -> dict:
             "errors": stats.errors[:5]}
 
 
+def measure_policy_call(replicas: int = 64, calls: int = 2000) -> float:
+    """Microseconds per QueueDepthPolicy call (the controller runs it every 0.1 s) on a synthetic
+    context with `replicas` replicas, each holding a look-back window of 8 samples per metric."""
+    from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
+    from ray.serve.config import AutoscalingContext
+
+    from cluster.autoscaling import QueueDepthPolicy
+    dep = DeploymentID(name=REPLICA, app_name=APP)
+    ids = [ReplicaID(f"r{i}", dep) for i in range(replicas)]
+    raw = {m: {r: [TimeStampedValue(t, 3.0) for t in range(8)] for r in ids}
+           for m in ("waiting", "running", "pending_prefill_tokens")}
+    policy = QueueDepthPolicy(max_num_seqs=64, downscale_delay_s=1e9)
+    state: dict = {}
+    t0 = time.perf_counter()
+    for i in range(calls):
+        ctx = AutoscalingContext(
+            deployment_id=dep, deployment_name=REPLICA, app_name=APP, current_num_replicas=replicas,
+            target_num_replicas=replicas, running_replicas=ids, total_num_requests=0.0, total_queued_requests=0.0,
+            aggregated_metrics=None, raw_metrics=raw, capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=replicas, policy_state=state, last_scale_up_time=None,
+            last_scale_down_time=None, current_time=float(i), config=None)
+        _, state = policy(ctx)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
@@ -273,6 +298,8 @@ def main(argv=None) -> int:
     from tests.fixtures.ray_cluster import free_port
     from tests.tiny_model import build_tiny_model
 
+    policy_us = measure_policy_call()
+    print(f"policy call, 64 replicas: {policy_us:.0f} us", flush=True)
     model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="llmc-tiny-")))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="llmc-bench",
              runtime_env={"env_vars": TEST_ENV})
@@ -280,7 +307,8 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "date": time.strftime("%Y-%m-%d"), "scale_up": [], "replacement": []}
+               "date": time.strftime("%Y-%m-%d"), "policy_call_us_64_replicas": policy_us,
+               "scale_up": [], "replacement": []}
     try:
         for i in range(args.runs):
             r = measure_scale_up(base, model_dir)
