@@ -79,18 +79,22 @@ def replica_stats(handle) -> dict[str, dict]:
     return {s["replica_id"]: s for s in results if isinstance(s, dict)}
 
 
-def ray_metrics(port: int) -> dict[str, float]:
-    """Our router's decision counters from the node's Prometheus export, summed over label sets."""
+def ray_metrics(port: int, name: str = "llmc_routing_decisions_total", label: str = "outcome") -> dict[str, float]:
+    """One of our counters from the node's Prometheus export, summed by one label over the rest."""
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except httpx.HTTPError:
         return {}
     out: dict[str, float] = {}
-    for m in re.finditer(r'^ray_llmc_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
-        outcome = re.search(r'outcome="([^"]+)"', m.group(1))
-        if outcome:
-            out[outcome.group(1)] = out.get(outcome.group(1), 0.0) + float(m.group(2))
+    for m in re.finditer(rf'^ray_{name}\{{([^}}]*)\}} ([0-9.e+]+)$', text, re.M):
+        value = re.search(rf'{label}="([^"]+)"', m.group(1))
+        if value:
+            out[value.group(1)] = out.get(value.group(1), 0.0) + float(m.group(2))
     return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
 # ---------------------------------------------------------------- one policy
@@ -112,6 +116,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     wait_ready(base, handle, args.replicas)
     print(f"[{policy}] cluster ready in {time.monotonic() - t0:.0f}s", flush=True)
     decisions_before = ray_metrics(metrics_port)
+    fallbacks_before = ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason")
     before = replica_stats(handle)
 
     async def inflight():
@@ -127,8 +132,8 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
                                                status_interval_s=0.5, progress=False), status=inflight)
     after = replica_stats(handle)
     time.sleep(args.metrics_wait_s)  # one Ray metrics report interval
-    decisions = {k: v - decisions_before.get(k, 0.0) for k, v in ray_metrics(metrics_port).items()}
-    decisions = {k: v for k, v in decisions.items() if v > 0}
+    decisions = _delta(ray_metrics(metrics_port), decisions_before)
+    fallbacks = _delta(ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason"), fallbacks_before)
     serve.delete(APP)
 
     s = run.summary
@@ -149,7 +154,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         "prompt_share_max_over_mean": max(prompt.values()) / mean_share if mean_share else None,
         "inflight_by_replica": avg_inflight,
         "inflight_max_over_mean": max(avg_inflight.values()) / mean_inflight if mean_inflight else None,
-        "router_decisions": decisions,
+        "router_decisions": decisions, "redis_fallbacks": fallbacks,
     }
     if args.out:
         out = Path(args.out)

@@ -57,6 +57,8 @@ class RoutingParams(BaseModel):
     block_size: int = Field(16, ge=1)
     redis_url: str | None = None
     redis_timeout_ms: float = Field(5.0, gt=0)
+    redis_breaker_s: float = Field(0.25, gt=0, description="After a failed lookup, route by load this long "
+                                   "before asking the index again (a hung Redis then costs one timeout per period).")
     prefix_weight: float = Field(1.0, ge=0, description="Value of one cached token vs one queued token.")
     request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
                                        "beyond its pending prefill, in prefill tokens.")
@@ -150,9 +152,10 @@ class ReplicaChooser:
         reqs, work = [], []
         for rid, s in zip(ids, stats):
             s = s or {}  # {} while a new replica has not reported yet
+            # max, not sum: once the stats catch up they include this chooser's own requests.
             r = max(s.get("waiting", 0) + s.get("running", 0), self._inflight.get(rid, 0))
             reqs.append(r)
-            work.append(s.get("pending_prefill_tokens", 0) + self._fresh_tokens.get(rid, 0) + cost * r)
+            work.append(max(s.get("pending_prefill_tokens", 0), self._fresh_tokens.get(rid, 0)) + cost * r)
         return reqs, work
 
     async def _lookup(self, req: GenerationRequest, replica_ids: Sequence[str]) -> dict[str, int] | None:
@@ -175,7 +178,8 @@ class ReplicaChooser:
         if self._index is None and self.params.redis_url:
             from kvstore.index import RedisPrefixIndex
             try:
-                self._index = RedisPrefixIndex(self.params.redis_url, timeout_s=self.params.redis_timeout_ms / 1000)
+                self._index = RedisPrefixIndex(self.params.redis_url, timeout_s=self.params.redis_timeout_ms / 1000,
+                                               breaker_s=self.params.redis_breaker_s)
             except Exception as e:  # noqa: BLE001 — a bad URL must not fail requests: route by load
                 log.warning("prefix index unavailable (%r): routing by load only", e)
                 self.params = self.params.model_copy(update={"redis_url": None})
