@@ -11,6 +11,7 @@ import pytest
 
 from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
 from cluster.config import load_config
+from tests.fixtures.fake_replicas import metric_value
 from tests.fixtures.ray_cluster import _wait_ready
 
 pytestmark = [pytest.mark.ray]
@@ -25,7 +26,7 @@ def served(ray_cluster, tiny_model_dir):
 
     cfg = load_config(env={}, overrides={
         "engine.model": str(tiny_model_dir), "engine.model_id": "tiny", "engine.device": "cpu",
-        "engine.num_kv_blocks": 256, "engine.max_model_len": 512, "replicas.num_replicas": 1,
+        "engine.num_kv_blocks": 24, "engine.max_model_len": 512, "replicas.num_replicas": 1,
         "replicas.num_cpus": 0.5, "router.policy": "pow2", "router.api_keys": f"[{KEY}]"})
     serve.run(build_app_from_config(cfg), name=APP, route_prefix="/", blocking=False)
     try:
@@ -117,6 +118,11 @@ def test_errors_through_the_client(client, served):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
     assert e.value.body["code"] == "context_length_exceeded"
+    # Within the context (512) but beyond this replica's KV pool (24 blocks x 16): the engine's EngineError
+    # crosses Ray as a 400, and is not retried.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=450)
+    assert "KV blocks" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="not-a-model", prompt="x")
     bad = openai.OpenAI(base_url=served[0] + "/v1", api_key="wrong", max_retries=0)
@@ -124,17 +130,19 @@ def test_errors_through_the_client(client, served):
         bad.models.list()
     assert [m.id for m in client.models.list().data] == ["tiny"]
     r = httpx.get(served[0] + "/metrics")
-    assert r.status_code == 200 and "llmc_router_ttft_seconds_bucket" in r.text
+    assert r.status_code == 200 and "llmc_time_to_first_token_seconds_bucket" in r.text
+    assert metric_value(r.text, 'llmc_requests_total{model="tiny",status="bad_request"}') >= 2
+    assert "llmc_request_retries_total{" not in r.text  # the engine's 400 was not retried
 
 
 def test_disconnect_mid_stream_frees_blocks(served):
     base, replica = served
-    # Each engine step 50 ms slower (test-only hook), so the 400-token stream is still running when we leave.
+    # Each engine step 50 ms slower (test-only hook), so the 300-token stream is still running when we leave.
     # Last test of the module: nothing after it needs the replica fast.
     replica._inject_fault.remote("slow").result()
     before = replica.stats.remote().result()
     assert before["kv_blocks_free"] == before["kv_blocks_total"]
-    body = {"model": "tiny", "prompt": "The quick brown fox " * 4, "max_tokens": 400, "ignore_eos": True,
+    body = {"model": "tiny", "prompt": "The quick brown fox " * 4, "max_tokens": 300, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
@@ -153,5 +161,5 @@ def test_disconnect_mid_stream_frees_blocks(served):
             break
         time.sleep(0.05)
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0, s
-    # The request was aborted, not run to its end: far fewer than 400 decode steps happened.
-    assert s["steps"] - during["steps"] < 300
+    # The request was aborted, not run to its end: far fewer than 300 decode steps happened.
+    assert s["steps"] - during["steps"] < 200
