@@ -34,7 +34,7 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
             log.info("embedded Redis on %s", redis.url)
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address=ray_address, num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
+            ray.init(address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
                      include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
             stack.callback(ray.shutdown)
