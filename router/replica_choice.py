@@ -66,7 +66,7 @@ class RoutingParams(BaseModel):
                                  "one and still be preferred for its cache ...")
     balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
-                           "as this router's own (after that the replica's stats include it).")
+                           "as this router's own at most (a stats refresh from its replica ends it sooner).")
 
 
 class _Assignment:
@@ -100,6 +100,7 @@ class ReplicaChooser:
         self._inflight: defaultdict[str, int] = defaultdict(int)
         self._fresh_tokens: defaultdict[str, int] = defaultdict(int)
         self._fresh: deque[_Assignment] = deque()
+        self._stats_seen: dict[str, Any] = {}
         self.outcomes: collections.Counter = collections.Counter()
         self._metrics = metrics if metrics is not None else _recorder()
         _LIVE.add(self)
@@ -235,10 +236,20 @@ class ReplicaChooser:
     def inflight(self, rid: str) -> int:
         return self._inflight.get(rid, 0)
 
-    def forget(self, live: set[str]) -> None:
-        """Drop the counters of replicas that are gone."""
-        for table in (self._inflight, self._fresh_tokens):
-            for rid in [k for k in table if k not in live]:
+    def update(self, stats: Mapping[str, Mapping[str, Any] | None]) -> None:
+        """The replicas now routable, with their routing stats (Serve broadcasts them when they change).
+        A replica's new stats include what this chooser sent it before: stop counting that prefill as
+        its own. Replicas that are gone lose their counters."""
+        for rid, s in stats.items():
+            if s and s != self._stats_seen.get(rid):
+                self._stats_seen[rid] = s
+                if self._fresh_tokens.get(rid):
+                    for a in self._fresh:
+                        if a.fresh and a.replica == rid:
+                            a.fresh = False
+                    self._fresh_tokens[rid] = 0
+        for table in (self._inflight, self._fresh_tokens, self._stats_seen):
+            for rid in [k for k in table if k not in stats]:
                 del table[rid]
 
     def _release(self, a: _Assignment) -> None:

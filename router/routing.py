@@ -65,7 +65,7 @@ class KVAwareRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self.chooser.forget({r.replica_id.unique_id for r in replicas})
+        self.chooser.update({r.replica_id.unique_id: r.routing_stats for r in replicas})
 
 
 def _generation_request(pr: PendingRequest | None) -> GenerationRequest | None:

@@ -284,3 +284,23 @@ def test_served_model_id():
     assert served_model_id(load_config().engine) == EMBEDDED_MODEL
     assert served_model_id(load_config(overrides={"engine.model": "/x/tiny-llama/"}).engine) == "tiny-llama"
     assert served_model_id(load_config(overrides={"engine.model": "/x/y", "engine.model_id": "z"}).engine) == "z"
+
+
+async def test_own_prefill_counts_until_the_replica_stats_refresh():
+    stats = {"waiting": 0, "running": 1}
+    replicas = {x: FakeReplica(x, **stats) for x in "ab"}
+    router = make_router()
+    c = router.chooser
+    c.update({x: r.routing_stats for x, r in replicas.items()})
+    first, _ = await choose(router, list(replicas.values()), pending(PROMPT), complete=False)
+    other = "b" if first == "a" else "a"
+    # Both report one running request; only the prefill just sent to `first` tells them apart.
+    for _ in range(10):
+        assert (await choose(router, list(replicas.values()), pending(PROMPT)))[0] == other
+    replicas[first].routing_stats = {"waiting": 0, "running": 1, "pending_prefill_tokens": 0, "kv_usage": 0.1}
+    c.update({x: r.routing_stats for x, r in replicas.items()})  # its stats now include that request
+    wins = collections.Counter([(await choose(router, list(replicas.values()), pending(PROMPT)))[0]
+                                for _ in range(100)])
+    assert wins[first] > 20, wins
+    c.update({other: replicas[other].routing_stats})  # `first` is gone
+    assert c.inflight(first) == 0

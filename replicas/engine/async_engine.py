@@ -34,6 +34,8 @@ class AsyncLLMEngine:
         self._commands: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._closed = False  # set by the loop thread on exit; guarded by _lock with _commands
+        self._lock = threading.Lock()
         # request id -> (event loop, queue); touched only on the loop thread.
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
@@ -66,10 +68,9 @@ class AsyncLLMEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Chunks of one request until its usage-carrying last chunk. A rejected request raises
         EngineError here; if the consumer stops early (cancelled, closed) the request is aborted."""
-        if self._stopping:
-            raise EngineShutdown("engine is shut down")
         queue: asyncio.Queue = asyncio.Queue()
-        self._submit(("add", req, asyncio.get_running_loop(), queue))
+        if not self._submit(("add", req, asyncio.get_running_loop(), queue)):
+            raise EngineShutdown("engine is shut down")
         done = False
         try:
             while True:
@@ -96,9 +97,14 @@ class AsyncLLMEngine:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def _submit(self, command: tuple) -> None:
-        self._commands.append(command)
+    def _submit(self, command: tuple) -> bool:
+        """Queue a command for the loop thread; False once the loop has exited."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.append(command)
         self._wake.set()
+        return True
 
     # ------------------------------------------------------------------ loop thread
 
@@ -121,9 +127,16 @@ class AsyncLLMEngine:
             if not engine.has_unfinished() and not self._commands:
                 self._wake.wait(_IDLE_TICK_S)
                 self._wake.clear()
-        self._deliver([(rid, EngineShutdown("engine is shut down")) for rid in list(self._streams)])
+        gone = EngineShutdown("engine is shut down")
+        self._deliver([(rid, gone) for rid in list(self._streams)])
         for rid in list(self.engine.requests):
             self.engine.abort_request(rid)
+        with self._lock:
+            self._closed = True
+            pending, self._commands = list(self._commands), collections.deque()
+        for command in pending:  # adds that raced with shutdown must not leave their caller waiting
+            if command[0] == "add":
+                self._send(command[2], [(command[3], gone)])
 
     def _drain_commands(self, outbox: list) -> None:
         while self._commands:
