@@ -3,6 +3,7 @@ survives a failing forward and ticks when idle."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -126,3 +127,27 @@ async def test_shutdown_fails_open_streams(tiny_model_dir):
         await asyncio.wait_for(task, 10)
     with pytest.raises(EngineShutdown):
         await _collect(e, request("late", prompt))
+
+
+async def test_add_racing_shutdown_is_failed_not_lost(tiny_model_dir):
+    e = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, block_size=4, device="cpu"))
+    prompt = random_prompts(1, e.engine.vocab_size, 10, 10, seed=28)[0]
+    model, entered, gate = e.engine.runner.model, threading.Event(), threading.Event()
+    real = model.forward
+
+    def held(*a, **k):
+        entered.set()
+        gate.wait(10)
+        return real(*a, **k)
+    model.forward = held
+    first = asyncio.create_task(_collect(e, request("a", prompt, greedy(4))))
+    assert await asyncio.to_thread(entered.wait, 10)
+    second = asyncio.create_task(_collect(e, request("b", prompt, greedy(4))))
+    await asyncio.sleep(0.05)  # b's add is queued while the loop is inside a step
+    stopper = asyncio.create_task(asyncio.to_thread(e.shutdown))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await stopper
+    for task in (first, second):
+        with pytest.raises(EngineShutdown):
+            await asyncio.wait_for(task, 10)
