@@ -91,11 +91,16 @@ class AsyncLLMEngine:
         """Abort a request from any thread; a still-listening caller gets finish_reason "abort"."""
         self._submit(("abort", request_id))
 
+    def check_workers(self, timeout_s: float) -> None:
+        """TP: raise if a worker rank is dead or silent, or a step failed (LLMReplica.check_health)."""
+        self.engine.check_workers(timeout_s)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self.engine.shutdown()
 
     def _submit(self, command: tuple) -> bool:
         """Queue a command for the loop thread; False once the loop has exited."""

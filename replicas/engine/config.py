@@ -15,6 +15,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tp_size: int = Field(1, ge=1)
+    tp_timeout_s: float = Field(60.0, gt=0, description="Tensor parallel: joining the ranks, or a collective "
+                                "waiting on a peer, fails after this long (the replica is then replaced).")
     max_model_len: int | None = Field(None, ge=16, description="Context limit; defaults to the model's.")
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int | None = Field(None, ge=2, description="KV pool size in blocks; overrides the fraction.")

@@ -77,12 +77,6 @@ class LLMEngine:
         self.config = config
         model_dir = Path(config.model)
         args = ModelArgs.from_dir(model_dir)
-        if tp_group is not None:
-            tp = TPInfo(dist.get_rank(tp_group), dist.get_world_size(tp_group), tp_group)
-        elif config.tp_size > 1:
-            raise ValueError(f"tp_size={config.tp_size} needs a tp_group (torch.distributed process group)")
-        else:
-            tp = TPInfo()
         if config.max_model_len and config.max_model_len > args.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"{args.max_position_embeddings} positions")
@@ -92,7 +86,16 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.vocab_size = args.vocab_size
         self.eos_token_ids = _eos_ids(model_dir, args, self.tokenizer)
-        self.runner = ModelRunner(config, args, tp)
+        self.workers = None  # TP: rank 0's handle on the worker ranks (this process is rank 0)
+        if tp_group is not None:  # ranks managed by the caller
+            self.runner = ModelRunner(config, args, TPInfo(dist.get_rank(tp_group), dist.get_world_size(tp_group),
+                                                           tp_group))
+        elif config.tp_size > 1:
+            from replicas.engine.parallel import TPWorkers
+            self.workers = TPWorkers.launch(config)
+            self.runner = self.workers.make_runner(args)
+        else:
+            self.runner = ModelRunner(config, args)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching,
                                           extra_key=extra_key(self.model_id))
@@ -265,6 +268,16 @@ class LLMEngine:
                     hook(hashes)
                 except Exception:  # a subscriber's bug must not stop serving
                     log.exception("block event hook failed")
+
+    def check_workers(self, timeout_s: float) -> None:
+        """TP: raise if a worker rank is dead or silent, or a step failed (LLMReplica.check_health)."""
+        if self.workers is not None:
+            self.workers.check(timeout_s)
+
+    def shutdown(self) -> None:
+        """TP: stop the worker ranks and leave the process groups (nothing to do otherwise)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ------------------------------------------------------------------ introspection
 

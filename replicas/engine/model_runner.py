@@ -3,13 +3,17 @@ a scheduled batch into one forward pass returning logits for the sequences that 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from replicas.engine.attention import AttentionMetadata
 from replicas.engine.config import EngineConfig
+from replicas.engine.cuda_graphs import DecodeGraphs
 from replicas.engine.models import CausalLM, ModelArgs, TPInfo
+from replicas.engine.paged_metadata import build_step_tensors
 from replicas.engine.sequence import Sequence
 from replicas.engine.weights import load_weights
 
@@ -24,6 +28,16 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+@dataclass
+class StepInputs:
+    """One forward pass in plain ints: all a tensor-parallel worker rank needs to run the same step."""
+    token_ids: list[int]  # packed tokens, decodes first
+    starts: list[int]  # per sequence: position of its first token in this step
+    lengths: list[int]  # per sequence: tokens computed this step
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # rows of the packed batch whose logits are needed
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -46,6 +60,19 @@ class ModelRunner:
             self.model = CausalLM(args, tp).eval()
         load_weights(self.model, Path(config.model))
         self.num_kv_blocks = self._allocate_kv_cache(args, tp)
+        attn = self.model.model.layers[0].self_attn
+        self.heads_per_kv = attn.num_heads // attn.num_kv_heads
+        self.num_kv_heads = attn.num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 0
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_len = config.max_model_len or args.max_position_embeddings
+            self.graphs = DecodeGraphs(self.model, max_batch=config.max_num_seqs,
+                                       max_blocks_per_seq=-(-max_len // self.block_size), block_size=self.block_size,
+                                       pad_slot=self.num_kv_blocks * self.block_size,
+                                       heads_per_kv=self.heads_per_kv, num_kv_heads=attn.num_kv_heads,
+                                       device=self.device)
 
     def _allocate_kv_cache(self, args: ModelArgs, tp: TPInfo) -> int:
         attn = self.model.model.layers[0].self_attn
@@ -58,9 +85,15 @@ class ModelRunner:
             num_blocks = int(free * self.config.kv_memory_fraction) // per_block
         else:
             num_blocks = int(self.config.cpu_kv_cache_gib * 2**30) // per_block
+        if tp.size > 1:  # every rank must hold every block id rank 0's block manager hands out
+            n = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
+            num_blocks = int(n)
         if num_blocks < 2:
             raise ValueError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
-        shape = (2, args.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        # GPU: one spare block past the pool takes the K/V writes of CUDA-graph padding rows.
+        spare = 1 if self.device.type == "cuda" else 0
+        shape = (2, args.num_layers, num_blocks + spare, self.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
@@ -70,27 +103,45 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Compute `num_tokens[i]` tokens of each `seqs[i]`; return the sequences whose prompt+output is
         now fully computed (they sample next) and their logits [R, V] (fp32). Call under inference_mode."""
+        step, samplers = self.prepare(seqs, num_tokens)
+        return samplers, self.execute(step)
+
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[StepInputs, list[Sequence]]:
         # Decodes first: the attention packs them into one batched call.
         order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] != 1)
-        ids, positions, starts, lengths, tables, sample_rows, samplers = [], [], [], [], [], [], []
+        step = StepInputs([], [], [], [], [])
+        samplers = []
         row = 0
         for i in order:
             seq, n = seqs[i], num_tokens[i]
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            positions.append((start, start + n))
-            starts.append(start)
-            lengths.append(n)
-            tables.append(seq.block_table)
+            step.token_ids.extend(seq.token_ids[start:start + n])
+            step.starts.append(start)
+            step.lengths.append(n)
+            step.block_tables.append(seq.block_table)
             row += n
             if start + n == seq.num_tokens:
-                sample_rows.append(row - 1)
+                step.sample_rows.append(row - 1)
                 samplers.append(seq)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.cat([torch.arange(a, b) for a, b in positions]).to(self.device, non_blocking=True)
-        meta = AttentionMetadata.build(tables, starts, lengths, self.block_size, self.device)
+        return step, samplers
+
+    def execute(self, step: StepInputs) -> torch.Tensor | None:
+        """The forward pass of one step (on every TP rank); logits of `step.sample_rows`, None if none."""
+        if self.graphs is not None and len(step.token_ids) == len(step.starts) == len(step.sample_rows):
+            logits = self.graphs.run(step.token_ids, step.starts, step.block_tables)  # decode-only step
+            if logits is not None:
+                return logits
+        input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            pos, slots, paged = build_step_tensors(step.block_tables, step.starts, step.lengths, self.block_size,
+                                                   self.heads_per_kv, self.device, self.num_kv_heads, self.num_sms)
+            meta = AttentionMetadata(slot_mapping=slots, paged=paged)
+        else:
+            pos = torch.cat([torch.arange(a, a + n) for a, n in zip(step.starts, step.lengths)])
+            meta = AttentionMetadata.build(step.block_tables, step.starts, step.lengths, self.block_size,
+                                           self.device)
         hidden = self.model(input_ids, pos, meta)
-        if not samplers:
-            return [], None
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return samplers, self.model.compute_logits(hidden.index_select(0, rows))
+        if not step.sample_rows:
+            return None
+        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
