@@ -4,9 +4,12 @@ transformers `generate()` on the same weights, in the same run.
     python -m load_tests.bench_engine --model tiny                 # CPU, tiny random model
     python -m load_tests.bench_engine --model smollm2 -n 32        # CPU, the embedded model
     python -m load_tests.bench_engine --device cuda --shape llama3-8b --out bench_8b.json
+    python -m load_tests.bench_engine --device cuda --shape llama3-8b --tp-size 2 --skip-hf   # 2 GPUs
 
 `--shape` builds a random-weight model of a real architecture's shape (bf16 on CUDA, no download):
-speed does not depend on the weights' values. Prints a table and writes JSON (--out).
+speed does not depend on the weights' values. Prints a table and writes JSON (--out). With `--tp-size N`
+the engine starts ranks 1..N-1 as local processes (GPU r on CUDA) and this process is rank 0; weight
+bytes and GB/s are then rank 0's shard.
 """
 from __future__ import annotations
 
@@ -78,14 +81,21 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[li
 def bench_ours(model_dir: Path, args, prompts: list[list[int]], single: list[int]) -> dict:
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
-    from replicas.protocol import GenerationRequest, SamplingParams
 
-    cfg = EngineConfig(model=str(model_dir), device=args.device, block_size=16,
+    cfg = EngineConfig(model=str(model_dir), device=args.device, block_size=16, tp_size=args.tp_size,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        **({"cpu_kv_cache_gib": args.cpu_kv_gib} if args.device == "cpu" else {}))
     t = time.perf_counter()
     engine = LLMEngine(cfg)
-    load_s = time.perf_counter() - t
+    try:
+        return _bench_engine(engine, time.perf_counter() - t, args, prompts, single)
+    finally:
+        engine.shutdown()  # tp: stops the worker ranks
+
+
+def _bench_engine(engine, load_s: float, args, prompts: list[list[int]], single: list[int]) -> dict:
+    from replicas.protocol import GenerationRequest, SamplingParams
+
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
 
     def run(reqs):
@@ -121,7 +131,7 @@ def bench_ours(model_dir: Path, args, prompts: list[list[int]], single: list[int
             "single_prefill_ms": round(steps_single[0] * 1000, 1), "throughput_wall_s": round(wall, 2),
             "throughput_out_tok_per_s": round(out_tokens / wall, 1),
             "throughput_total_tok_per_s": round((out_tokens + sum(map(len, prompts))) / wall, 1),
-            "throughput_steps": len(steps), "preemptions": stats.num_preemptions}
+            "throughput_steps": len(steps), "preemptions": stats.num_preemptions, "tp_size": args.tp_size}
 
 
 # ------------------------------------------------------------------ transformers
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | path to a HF model directory")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape instead of --model")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (local processes; GPUs on CUDA)")
     ap.add_argument("-n", "--num-requests", type=int, default=64)
     ap.add_argument("--prompt-len", default="32-128", help="min-max prompt tokens")
     ap.add_argument("--output-len", type=int, default=32)
