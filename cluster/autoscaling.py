@@ -15,6 +15,9 @@ takes the highest count wanted during its delay window, so a short dip never ove
 Serve, it never jumps from >1 straight to 0: 1 -> 0 is its own step after another idle delay.
 Scale-from-zero is Serve's cold-start path (requests wait at the handle; it starts a replica at once,
 without calling the policy).
+
+Metrics: llmc_autoscaling_desired_replicas (the count returned) and llmc_autoscaling_actual_replicas (running
+when deciding), through a recorder created on first use in the controller and touched only when a value changes.
 """
 from __future__ import annotations
 
@@ -46,13 +49,17 @@ class QueueFigures:
 class QueueDepthPolicy:
     def __init__(self, max_num_seqs: int, target_waiting_per_replica: float = 4.0,
                  target_prefill_tokens_per_replica: float = 8192.0, target_running_fraction: float = 0.8,
-                 upscale_delay_s: float = 2.0, downscale_delay_s: float = 30.0, name: str = "LLMReplica"):
+                 upscale_delay_s: float = 2.0, downscale_delay_s: float = 30.0, name: str = "LLMReplica",
+                 metrics=None):
         self.running_target = max(1e-9, max_num_seqs * target_running_fraction)
         self.waiting_target = target_waiting_per_replica
         self.prefill_target = target_prefill_tokens_per_replica
         self.upscale_delay_s = upscale_delay_s
         self.downscale_delay_s = downscale_delay_s
         self.name = name
+        # A cluster.metrics.MetricsRecorder (tests pass one); None: created on first use, False: unavailable.
+        self._metrics = metrics
+        self._recorded: tuple[str, int, int] | None = None
 
     # ------------------------------------------------------------------ signal
 
@@ -80,6 +87,11 @@ class QueueDepthPolicy:
     # ------------------------------------------------------------------ decision
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        decision, state = self._decide(ctx)
+        self._record(ctx.deployment_name or self.name, decision, ctx.current_num_replicas)
+        return decision, state
+
+    def _decide(self, ctx) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state or {})
         target = ctx.target_num_replicas
         f = self.figures(ctx)
@@ -110,6 +122,33 @@ class QueueDepthPolicy:
                  self.name, "up" if direction > 0 else "down", target, decision, f.describe(),
                  self.desired(f), lo, hi, delay)
         return decision, state
+
+
+    # ------------------------------------------------------------------ metrics
+
+    def _record(self, deployment: str, desired: int, actual: int) -> None:
+        key = (deployment, desired, actual)
+        if key == self._recorded:  # the common case, 10 times a second: nothing to do
+            return
+        self._recorded = key
+        if self._metrics is None:
+            self._metrics = _recorder()
+        if self._metrics:
+            self._metrics.set("llmc_autoscaling_desired_replicas", desired, deployment=deployment)
+            self._metrics.set("llmc_autoscaling_actual_replicas", actual, deployment=deployment)
+
+
+def _recorder():
+    """The Ray-exported recorder in the controller; False (never retried) where it cannot be made."""
+    try:
+        import ray
+        if not ray.is_initialized():
+            return False
+        from cluster.metrics import MetricsRecorder  # here, not at module level: Serve pickles this module
+        return MetricsRecorder(("llmc_autoscaling_desired_replicas", "llmc_autoscaling_actual_replicas"))
+    except Exception as e:  # noqa: BLE001 - no metrics rather than no autoscaling
+        log.warning("autoscaling metrics unavailable: %r", e)
+        return False
 
 
 def _clear(state: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ append to a bounded buffer under a lock, never block on I/O and never raise. A b
 flushes the net effect of the buffered events every `flush_interval_s`, heartbeats the replica's epoch,
 and resyncs the whole set (`replace` from `full_set()`) whenever the index may have diverged: at start,
 after the buffer overflowed, after a failed write, or when a heartbeat finds its entries gone (Redis
-restarted, or the heartbeat expired).
+restarted, or the heartbeat expired). Every Redis operation it gives up is reported to `on_fallback(reason)`
+("timeout" or "error", the llmc_redis_fallbacks_total reasons), called on the publisher's own loop.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import logging
 import threading
 import time
 from typing import Callable, Iterable, Sequence
+
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvstore.index import Epoch, PrefixIndex
 
@@ -24,7 +27,7 @@ class KVEventPublisher:
     def __init__(self, index: PrefixIndex, model_id: str, replica_id: str, epoch: Epoch, *,
                  full_set: Callable[[], Iterable[int]] | None = None, max_buffer: int = 65536,
                  flush_interval_s: float = 0.05, heartbeat_ttl_s: float = 3.0, retry_s: float = 0.5,
-                 sweep_interval_s: float | None = None):
+                 sweep_interval_s: float | None = None, on_fallback: Callable[[str], None] | None = None):
         self.index, self.model_id, self.replica_id, self.epoch = index, model_id, replica_id, epoch
         # A thread-safe snapshot of the engine's cached hashes. Without one a resync can only clear.
         self.full_set = full_set or (lambda: ())
@@ -33,6 +36,7 @@ class KVEventPublisher:
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.retry_s = retry_s
         self.sweep_interval_s = heartbeat_ttl_s if sweep_interval_s is None else sweep_interval_s
+        self.on_fallback = on_fallback
         self._lock = threading.Lock()
         self._events: list[tuple[bool, Sequence[int]]] = []
         self._buffered = 0
@@ -89,6 +93,7 @@ class KVEventPublisher:
         try:
             await self.index.drop_replica(self.model_id, self.replica_id, self.epoch)
         except Exception as e:  # noqa: BLE001 — entries expire by themselves (heartbeat TTL)
+            self._report(e)
             log.warning("kv publisher %s: could not drop entries on stop: %r", self.replica_id, e)
 
     async def _run(self) -> None:
@@ -113,11 +118,20 @@ class KVEventPublisher:
                 raise
             except Exception as e:  # noqa: BLE001 — the index is a cache: keep going, resync when back
                 self.errors += 1
+                self._report(e)
                 self._diverged = True
                 next_beat = 0.0  # the first thing to do once it answers: prove we are alive
                 delay = self.retry_s
                 log.debug("kv publisher %s: index unavailable: %r", self.replica_id, e)
             await asyncio.sleep(delay)
+
+    def _report(self, exc: BaseException) -> None:
+        if self.on_fallback is None:
+            return
+        try:
+            self.on_fallback("timeout" if isinstance(exc, (TimeoutError, RedisTimeoutError)) else "error")
+        except Exception:  # noqa: BLE001 — a metrics problem must not stop the publisher
+            log.debug("kv publisher %s: on_fallback failed", self.replica_id, exc_info=True)
 
     async def _flush(self) -> None:
         with self._lock:

@@ -33,15 +33,19 @@ class _InjectedCrash(BaseException):
 
 class LLMReplica:
     def __init__(self, config: ClusterConfig):
-        from cluster.model_prep import resolve_engine_config
+        from cluster.model_prep import resolve_engine_config, served_model_id
         from replicas.engine.async_engine import AsyncLLMEngine
+        from replicas.metrics import ReplicaMetrics
 
         self.config = config
         self.engine_config = resolve_engine_config(config.engine)
         self.replica_id = _replica_unique_id()
         self.epoch = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
+        self.metrics = ReplicaMetrics(served_model_id(self.engine_config), self.replica_id,
+                                      lambda: self.engine.stats().model_dump())
         # KV block events -> the prefix index the routers read (only when Redis is configured).
-        self.publisher = _kv_publisher(config, self.engine_config, self.replica_id, self.epoch)
+        self.publisher = _kv_publisher(config, self.engine_config, self.replica_id, self.epoch,
+                                       self.metrics.redis_fallback)
         hooks = {} if self.publisher is None else {"on_blocks_stored": self.publisher.on_blocks_stored,
                                                    "on_blocks_evicted": self.publisher.on_blocks_evicted}
         self.engine = AsyncLLMEngine(self.engine_config, **hooks)
@@ -51,6 +55,7 @@ class LLMReplica:
         self._draining = False
         self._inflight = 0  # generate() streams open on this replica: work the engine may not list yet
         self._device = _engine_device(self.engine_config)
+        self.metrics.start()
         log.info("replica %s ready: model=%s blocks=%s", self.replica_id, self.engine_config.served_model_id,
                  self.engine.stats().kv_blocks_total)
 
@@ -59,8 +64,11 @@ class LLMReplica:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream chunks for one request. Cancellation (client gone) aborts it and frees its blocks."""
         self._inflight += 1
+        first = True
         try:
             async for chunk in self.engine.generate(request):
+                if first:  # the router's x-replica-id: once per attempt, not on every chunk
+                    chunk.replica_id, first = self.replica_id, False
                 yield chunk
         finally:
             self._inflight -= 1
@@ -188,6 +196,9 @@ class LLMReplica:
     def __del__(self):
         # Serve calls this on replica shutdown (downscale, redeploy): stop publishing (its entries are
         # dropped from the index; if the loop ends first they expire with the heartbeat), then the engine.
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
         publisher = getattr(self, "publisher", None)
         if publisher is not None:
             self._publisher_task = _start_on_running_loop(publisher.stop())
@@ -210,7 +221,7 @@ def _engine_device(cfg):
         return None
 
 
-def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: str):
+def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: str, on_fallback=None):
     """The replica's KVEventPublisher, or None without Redis. Never fails the replica: without a
     publisher the routers just don't see this replica's cache."""
     if not config.redis_url:
@@ -219,7 +230,8 @@ def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: 
         from cluster.model_prep import served_model_id
         from kvstore.index import RedisPrefixIndex
         from kvstore.publisher import KVEventPublisher
-        return KVEventPublisher(RedisPrefixIndex(config.redis_url), served_model_id(engine_config), replica_id, epoch)
+        return KVEventPublisher(RedisPrefixIndex(config.redis_url), served_model_id(engine_config), replica_id, epoch,
+                                on_fallback=on_fallback)
     except Exception as e:  # noqa: BLE001 — e.g. a malformed URL
         log.warning("replica %s: no KV event publishing (%r)", replica_id, e)
         return None

@@ -84,6 +84,8 @@ class GenerationChunk(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Set by LLMReplica on the first chunk of each attempt only: which replica serves it (x-replica-id).
+    replica_id: str | None = None
 
 
 class EngineError(Exception):

@@ -4,7 +4,8 @@
 Per generation request: validate -> tokenize (chat template) and hash blocks -> admission -> one
 `ResumableGeneration` per prompt (failover) -> merge their chunks -> SSE stream or one JSON response.
 The first chunk is awaited before any response starts, so failures before the first token still get a
-proper status code; after it they end the stream with an error event.
+proper status code; after it they end the stream with an error event. Responses name the serving replica in
+`x-replica-id` (a stream: the replica of its first chunk, as headers leave before any mid-stream failover).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 MODEL_INFO_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 2.0
 LARGE_BODY_BYTES = 32 * 1024
+REPLICA_ID_HEADER = "x-replica-id"
 _ERROR_RESPONSES = {s: {"description": t} for s, t in ERROR_TYPES.items() if s in (400, 401, 404, 413, 429, 503)}
 
 
@@ -161,13 +163,14 @@ class OpenAIRouter:
             raise
         chunks = _prepend(first, chunks)
         if stream:
+            # Headers leave now, before any mid-stream failover: they name the replica of the first chunk.
             return _ClosingStreamingResponse(fmt.stream(chunks, usage), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache"})
+                                             headers={"Cache-Control": "no-cache", **_replica_header(gens)})
         try:
             result = await fmt.aggregate(chunks, usage)
         finally:
             await chunks.aclose()
-        return Response(result.model_dump_json(), media_type="application/json")
+        return Response(result.model_dump_json(), media_type="application/json", headers=_replica_header(gens))
 
     async def _observed(self, chunks: IndexedChunks, gens: list[ResumableGeneration], ticket: Ticket,
                         rid: str, request: Request) -> IndexedChunks:
@@ -263,6 +266,12 @@ async def _off_loop_if_large(request: Request, fn: Callable, arg):
     if int(request.headers.get("content-length") or 0) > LARGE_BODY_BYTES:
         return await asyncio.to_thread(fn, arg)
     return fn(arg)
+
+
+def _replica_header(gens: list[ResumableGeneration]) -> dict[str, str]:
+    """x-replica-id: the replica each prompt's generation is on now (in prompt order, without repeats)."""
+    ids = ",".join(dict.fromkeys(g.replica_id for g in gens if g.replica_id))
+    return {REPLICA_ID_HEADER: ids} if ids else {}
 
 
 def _usage(gens: list[ResumableGeneration]) -> UsageInfo:

@@ -67,6 +67,7 @@ class ResumableGeneration:
         self.finished = [False] * n
         self.cached_tokens = 0
         self.attempts = 0
+        self.replica_id: str | None = None  # the replica serving the latest attempt that sent a chunk
 
     @property
     def prompt_tokens(self) -> int:
@@ -96,6 +97,8 @@ class ResumableGeneration:
             try:
                 stream = self.replicas.options(stream=True).generate.remote(self._attempt_request())
                 async for chunk in stream:
+                    if chunk.replica_id is not None:
+                        self.replica_id = chunk.replica_id
                     if chunk.usage is not None:
                         # A resumed attempt's "prompt" includes the resumed tokens: cap at the real prompt.
                         self.cached_tokens = min(chunk.usage.cached_prompt_tokens, self.prompt_tokens)
