@@ -66,7 +66,7 @@ def main(model_dir: str) -> dict:
         victim = next(n for n in before.values() if n in by_id)
 
         load = ClosedLoop(base, concurrency=4, max_tokens=24).start()
-        time.sleep(2)
+        time.sleep(1)
         t0 = time.monotonic()
         cluster.remove_node(by_id[victim])
         out["replicas_after_removal"] = replica_states()
@@ -79,7 +79,7 @@ def main(model_dir: str) -> dict:
         wait_for(restored, 120, period_s=0.5, what="2 replicas on the remaining nodes")
         out["restored_s"] = round(time.monotonic() - t0, 1)
         out["placement_after"] = placement()
-        time.sleep(2)  # the new replica serves part of the load
+        time.sleep(1)  # the new replica serves part of the load
         stats = load.stop()
         out.update(victim=victim, ok=stats.ok, failed=stats.failed, errors=stats.errors[:5],
                    max_latency_s=round(max(stats.latencies), 2))
