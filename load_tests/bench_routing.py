@@ -39,7 +39,8 @@ def make_config(model_dir: str, redis_url: str, policy: str, args):
         "engine.num_kv_blocks": args.kv_blocks, "engine.max_num_seqs": 16,
         "replicas.num_replicas": args.replicas, "replicas.num_cpus": 0.5, "redis_url": redis_url,
         "router.policy": "prefix" if policy == "ray_prefix" else policy,
-        "router.redis_timeout_ms": args.redis_timeout_ms})
+        "router.redis_timeout_ms": args.redis_timeout_ms,
+        **({} if args.prefix_weight is None else {"router.prefix_weight": args.prefix_weight})})
 
 
 def deploy(cfg, policy: str) -> None:
@@ -124,7 +125,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         return {rid: s["num_waiting"] + s["num_running"] for rid, s in stats.items()}
 
     workload = generate(MultiTurnConfig(
-        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=0.75,
+        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=args.sharing_ratio,
         system_prompt_tokens=args.system_words, max_tokens=args.max_tokens, ignore_eos=True,
         user_tokens=LengthDist(median=args.user_words, sigma=0.3, min=8, max=4 * args.user_words),
         arrival=Arrival(concurrency=args.concurrency)))
@@ -172,11 +173,28 @@ def table(results: list[dict]) -> str:
              "req/s | out tok/s | busiest/mean prompt tokens | busiest/mean in-flight |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['policy']} | {r['ok']}/{r['sent']} | {f(r['hit_rate_client'], '.1%')} / "
+        name = r["policy"] if "round" not in r else f"{r['policy']} (round {r['round'] + 1})"
+        lines.append(f"| {name} | {r['ok']}/{r['sent']} | {f(r['hit_rate_client'], '.1%')} / "
                      f"{f(r['hit_rate_engine'], '.1%')} | {f(r['ttft_p50_ms'], '.0f')} | {f(r['ttft_p99_ms'], '.0f')} | "
                      f"{f(r['e2e_p50_ms'], '.0f')} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
                      f"{f(r['prompt_share_max_over_mean'], '.2f')} | {f(r['inflight_max_over_mean'], '.2f')} |")
     return "\n".join(lines)
+
+
+def medians(results: list[dict], policies: list[str]) -> list[dict]:
+    """Per policy, the median over rounds of every number in the table."""
+    import statistics
+    out = []
+    for policy in policies:
+        rows = [r for r in results if r["policy"] == policy]
+        med = {"policy": f"{policy} (median of {len(rows)})", "ok": sum(r["ok"] for r in rows),
+               "sent": sum(r["sent"] for r in rows)}
+        for k in ("hit_rate_client", "hit_rate_engine", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "req_per_s",
+                  "out_tok_per_s", "prompt_share_max_over_mean", "inflight_max_over_mean"):
+            values = [r[k] for r in rows if r[k] is not None]
+            med[k] = statistics.median(values) if values else None
+        out.append(med)
+    return out
 
 
 def main(argv=None) -> int:
@@ -187,11 +205,15 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--system-words", type=int, default=64, help="shared system prompt length (~4 tokens/word)")
+    p.add_argument("--sharing-ratio", type=float, default=0.75, help="share of conversations on the 4 common "
+                   "system prompts (the others have their own)")
     p.add_argument("--user-words", type=int, default=48, help="median user turn length")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-blocks", type=int, default=768, help="KV cache blocks per replica")
     p.add_argument("--redis-timeout-ms", type=float, default=5.0)
+    p.add_argument("--prefix-weight", type=float, default=None, help="default: the config's")
+    p.add_argument("--rounds", type=int, default=1, help="each round runs every policy once, in rotated order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=900)
     p.add_argument("--metrics-wait-s", type=float, default=3.0)
@@ -215,16 +237,18 @@ def main(argv=None) -> int:
     base = f"http://127.0.0.1:{port}"
     results = []
     try:
+        policies = args.policies.split(",")
         with EmbeddedRedis() as redis:
-            for policy in args.policies.split(","):
-                results.append(run_policy(policy, model_dir, redis, base, metrics_port, args))
+            for rnd in range(args.rounds):
+                for policy in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
+                    results.append({"round": rnd, **run_policy(policy, model_dir, redis, base, metrics_port, args)})
     finally:
         serve.shutdown()
         ray.shutdown()
     report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_end": os.getloadavg(), "args": vars(args),
               "results": results}
-    md = table(results)
+    md = table(results) if args.rounds == 1 else table(medians(results, policies)) + "\n\nEach round:\n\n" + table(results)
     print(md)
     if args.out:
         out = Path(args.out)

@@ -59,7 +59,7 @@ class RoutingParams(BaseModel):
     redis_timeout_ms: float = Field(5.0, gt=0)
     redis_breaker_s: float = Field(0.25, gt=0, description="After a failed lookup, route by load this long "
                                    "before asking the index again (a hung Redis then costs one timeout per period).")
-    prefix_weight: float = Field(1.0, ge=0, description="Value of one cached token vs one queued token.")
+    prefix_weight: float = Field(2.0, ge=0, description="Value of one cached token vs one queued token.")
     request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
                                        "beyond its pending prefill, in prefill tokens.")
     balance_slack: float = Field(2.0, ge=0, description="Requests a candidate may run above the least-loaded "
