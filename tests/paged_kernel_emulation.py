@@ -36,26 +36,47 @@ def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             qt[row_ok] = q[rows[row_ok], head[row_ok]]
             q_pos = ctx + tok
             kv_end = min(seq_len, ctx + q_first + block_q)
-            m_i = torch.full((block_m,), -math.inf, dtype=q.dtype)
-            l_i = torch.zeros(block_m, dtype=q.dtype)
-            acc = torch.zeros(block_m, head_dim, dtype=q.dtype)
-            for t0 in range(0, kv_end, tile):
-                pos = t0 + torch.arange(tile)
-                t_ok = pos < kv_end
-                pages = torch.where(t_ok, meta.block_tables[seq][torch.where(t_ok, pos // page, 0)], 0).long()
-                in_page = pos % page
-                k = torch.where(t_ok[:, None], k_cache[pages, in_page, kvh], 0.0)  # [TILE, D]
-                s = (qt @ k.T) * qk_scale
-                s = torch.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, -math.inf)
-                m_new = torch.maximum(m_i, s.max(1).values)
-                m_use = torch.where(m_new == -math.inf, 0.0, m_new)
-                p = torch.exp2(s - m_use[:, None])
-                alpha = torch.exp2(m_i - m_use)
-                l_i = l_i * alpha + p.sum(1)
-                v = torch.where(t_ok[:, None], v_cache[pages, in_page, kvh], 0.0)
-                acc = acc * alpha[:, None] + p @ v
-                m_i = m_new
-            l_i = torch.where(l_i == 0.0, 1.0, l_i)
-            res = acc / l_i[:, None]
+            parts = [_split(qt, q_pos, k_cache, v_cache, meta.block_tables[seq], kvh, lo, hi, tile, qk_scale)
+                     for lo, hi in _split_ranges(kv_end, meta.num_splits, tile)]
+            # The merge kernel (a single split merges to itself).
+            m = torch.stack([p[0] for p in parts]).max(0).values
+            m = torch.where(m == -math.inf, 0.0, m)
+            l_sum = sum(p[1] * torch.exp2(p[0] - m) for p in parts)
+            acc = sum(p[2] * torch.exp2(p[0] - m)[:, None] for p in parts)
+            l_sum = torch.where(l_sum == 0.0, 1.0, l_sum)
+            res = acc / l_sum[:, None]
             out[rows[row_ok], head[row_ok]] = res[row_ok]
     return out
+
+
+def _split_ranges(kv_end: int, splits: int, tile: int) -> list[tuple[int, int]]:
+    if splits == 1:
+        return [(0, kv_end)]
+    per_split = -(-kv_end // splits)
+    chunk = -(-per_split // tile) * tile  # whole tiles per split
+    return [(s * chunk, min(kv_end, s * chunk + chunk)) for s in range(splits)]
+
+
+def _split(qt, q_pos, k_cache, v_cache, table, kvh, lo, hi, tile, qk_scale):
+    page = k_cache.shape[1]
+    block_m, head_dim = qt.shape
+    m_i = torch.full((block_m,), -math.inf, dtype=qt.dtype)
+    l_i = torch.zeros(block_m, dtype=qt.dtype)
+    acc = torch.zeros(block_m, head_dim, dtype=qt.dtype)
+    for t0 in range(lo, hi, tile):
+        pos = t0 + torch.arange(tile)
+        t_ok = pos < hi
+        pages = torch.where(t_ok, table[torch.where(t_ok, pos // page, 0)], 0).long()
+        in_page = pos % page
+        k = torch.where(t_ok[:, None], k_cache[pages, in_page, kvh], 0.0)  # [TILE, D]
+        s = (qt @ k.T) * qk_scale
+        s = torch.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, -math.inf)
+        m_new = torch.maximum(m_i, s.max(1).values)
+        m_use = torch.where(m_new == -math.inf, 0.0, m_new)
+        p = torch.exp2(s - m_use[:, None])
+        alpha = torch.exp2(m_i - m_use)
+        l_i = l_i * alpha + p.sum(1)
+        v = torch.where(t_ok[:, None], v_cache[pages, in_page, kvh], 0.0)
+        acc = acc * alpha[:, None] + p @ v
+        m_i = m_new
+    return m_i, l_i, acc

@@ -26,6 +26,7 @@ def _random_step(g, num_decodes, prefills, block_size, max_ctx):
     return tables, [s for s, _ in shapes], [n for _, n in shapes], sum(need) + 7
 
 
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,num_decodes,prefills", [
     (32, 8, 128, 16, 37, [(0, 100), (4096, 32)]),  # Llama-3-8B shape: decodes, fresh prefill, long cached prefix
@@ -34,7 +35,8 @@ def _random_step(g, num_decodes, prefills, block_size, max_ctx):
     (14, 2, 64, 32, 3, [(0, 33)]),  # Qwen2-0.5B-like: 7 heads per KV head
     (8, 8, 64, 16, 64, []),  # MHA, decode only
 ])
-def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, num_decodes, prefills):
+def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, num_decodes, prefills,
+                                         splits):
     from replicas.engine.kernels.paged_attention import paged_attention as triton_attention
     g = torch.Generator().manual_seed(heads * 1000 + num_decodes)
     tables, starts, lengths, num_blocks = _random_step(g, num_decodes, prefills, block_size, 1500)
@@ -45,6 +47,7 @@ def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block
     q = torch.randn(t, heads, head_dim, generator=g).to(dev, dtype)
     scale = head_dim ** -0.5
     _, _, meta = build_step_tensors(tables, starts, lengths, block_size, heads // kv_heads, dev)
+    meta.num_splits = splits  # short contexts leave some of the 4 splits without keys
     out = torch.full_like(q, float("nan"))
     triton_attention(q, k_cache, v_cache, meta, scale, out=out)
     torch.cuda.synchronize()
@@ -59,22 +62,41 @@ def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
-def test_fused_stages_match_plain_definitions():
+def test_store_kv_kernel_writes_each_token_to_its_slot():
+    from replicas.engine.kernels.paged_attention import store_kv
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(50, 48, 128, generator=g).cuda().bfloat16()  # v is a strided view, like the model's
+    k, v = qkv[:, 32:40].contiguous(), qkv[:, 40:48]
+    k_cache = torch.randn(20, 16, 8, 128, generator=g).cuda().bfloat16()
+    v_cache = torch.randn(20, 16, 8, 128, generator=g).cuda().bfloat16()
+    slots = torch.randperm(320, generator=g)[:50].cuda()
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_k.view(-1, 8, 128).index_copy_(0, slots, k)
+    ref_v.view(-1, 8, 128).index_copy_(0, slots, v)
+    store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_kernels_match_plain_definitions(dtype):
+    """The Triton kernels behind @fused against the torch definitions (the CPU path) on the same GPU inputs,
+    with q/k/v as strided views of one qkv output, as in the model."""
     from replicas.engine.models import layers, llama
     torch.manual_seed(0)
-    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16)
+    t, hidden = 37, 4096
+    x = torch.randn(t, hidden, device="cuda", dtype=dtype)
     r = torch.randn_like(x)
-    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
     torch.testing.assert_close(layers._rms_norm(x, w, 1e-5), layers._rms_norm.__wrapped__(x, w, 1e-5))
-    y, s = layers._add_rms_norm(x, r, w, 1e-5)
-    y0, s0 = layers._add_rms_norm.__wrapped__(x, r, w, 1e-5)
-    torch.testing.assert_close((y, s), (y0, s0))
-    h = torch.randn(37, 2 * 4096, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(layers._add_rms_norm(x, r, w, 1e-5), layers._add_rms_norm.__wrapped__(x, r, w, 1e-5))
+    h = torch.randn(t, 2 * 14336, device="cuda", dtype=dtype)
     torch.testing.assert_close(llama._silu_and_mul(h), llama._silu_and_mul.__wrapped__(h))
+    qkv = torch.randn(t, 48 * 128, device="cuda", dtype=dtype)
+    q, k = qkv[:, :32 * 128].view(t, 32, 128), qkv[:, 32 * 128:40 * 128].view(t, 8, 128)
+    qn = torch.randn(128, device="cuda", dtype=dtype)  # Qwen3's per-head q/k norm on a strided view
+    torch.testing.assert_close(layers._rms_norm(q, qn, 1e-6), layers._rms_norm.__wrapped__(q, qn, 1e-6))
     rope = layers.RotaryEmbedding(128, 8192, 500000.0, None).cuda()
-    pos = torch.randint(0, 8192, (37,), device="cuda")
-    q = torch.randn(37, 32, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(37, 8, 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randint(0, 8192, (t,), device="cuda")
     torch.testing.assert_close(layers._apply_rotary(rope.cos_sin, pos, q, k),
                                layers._apply_rotary.__wrapped__(rope.cos_sin, pos, q, k))
 

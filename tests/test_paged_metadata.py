@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from replicas.engine.attention import AttentionMetadata, paged_attention
-from replicas.engine.paged_metadata import build_step_tensors, query_heads_per_program
+from replicas.engine.paged_metadata import build_step_tensors, choose_splits, query_heads_per_program
 from tests.paged_kernel_emulation import emulate_paged_attention
 
 
@@ -56,8 +56,16 @@ def test_every_query_token_in_exactly_one_program(heads_per_kv):
     assert sorted(covered) == [(i, t) for i, n in enumerate(lengths) for t in range(n)]
 
 
+@pytest.mark.parametrize("programs,max_kv,sms,want", [
+    (8, None, 132, 16), (8, 200, 132, 1), (8, 700, 132, 2), (64, 4128, 132, 8), (256, 4128, 132, 1),
+    (8, 4128, 0, 1)])
+def test_split_count(programs, max_kv, sms, want):
+    assert choose_splits(programs, max_kv, sms) == want
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(8, 2, 16, 4), (9, 3, 32, 16), (4, 4, 16, 8)])
-def test_kernel_emulation_matches_cpu_attention(heads, kv_heads, head_dim, block_size):
+def test_kernel_emulation_matches_cpu_attention(heads, kv_heads, head_dim, block_size, splits):
     torch.manual_seed(0)
     tables, starts, lengths = _step(block_size, seed=heads)
     t = sum(lengths)
@@ -70,5 +78,6 @@ def test_kernel_emulation_matches_cpu_attention(heads, kv_heads, head_dim, block
     ref_meta = AttentionMetadata.build(tables, starts, lengths, block_size, torch.device("cpu"))
     ref = paged_attention(q, k, v, k_cache, v_cache, ref_meta, scale)  # also stores k/v into the caches
     _, _, meta = build_step_tensors(tables, starts, lengths, block_size, heads // kv_heads, device="cpu")
+    meta.num_splits = splits  # with 16 splits of whole 8-key tiles, some splits see no key at all
     out = emulate_paged_attention(q, k_cache, v_cache, meta, scale, tile=8)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)

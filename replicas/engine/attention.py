@@ -81,10 +81,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]."""
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.paged is not None:
-        from replicas.engine.kernels.paged_attention import paged_attention as gpu_paged_attention
-        return gpu_paged_attention(q, k_cache, v_cache, meta.paged, scale)
+        from replicas.engine.kernels import paged_attention as gpu
+        gpu.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return gpu.paged_attention(q, k_cache, v_cache, meta.paged, scale)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     kf, vf = k_cache.view(-1, *k.shape[1:]), v_cache.view(-1, *v.shape[1:])
     out = torch.empty_like(q)
     d = meta.num_decodes

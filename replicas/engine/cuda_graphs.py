@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from replicas.engine.attention import AttentionMetadata
-from replicas.engine.paged_metadata import PagedMetadata, query_heads_per_program
+from replicas.engine.paged_metadata import PagedMetadata, choose_splits, query_heads_per_program
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -19,7 +19,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, *, max_batch: int, max_blocks_per_seq: int, block_size: int,
-                 pad_slot: int, heads_per_kv: int, device: torch.device):
+                 pad_slot: int, heads_per_kv: int, num_kv_heads: int, device: torch.device):
         self.model = model
         self.block_size = block_size
         self.pad_slot = pad_slot
@@ -35,6 +35,8 @@ class DecodeGraphs:
         self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.qblock_first = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.block_m, self.block_q = query_heads_per_program(heads_per_kv, 1, 1)
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -44,7 +46,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(slot_mapping=self.inputs[2, :bs], paged=PagedMetadata(
             block_tables=self.block_tables[:bs], seq_lens=self.inputs[3, :bs], query_start=self.query_start[:bs + 1],
             qblock_seq=self.query_start[:bs], qblock_first=self.qblock_first[:bs], block_m=self.block_m,
-            block_q=self.block_q))
+            block_q=self.block_q, num_splits=choose_splits(bs * self.num_kv_heads, None, self.num_sms)))
         hidden = self.model(self.inputs[0, :bs], self.inputs[1, :bs], meta)
         return self.model.compute_logits(hidden)
 

@@ -21,6 +21,19 @@ class PagedMetadata:
     qblock_first: torch.Tensor  # int32 [G]: its first query token, counted within the sequence's step tokens
     block_m: int  # query rows per program (tokens x query heads per KV head), a power of two >= 16
     block_q: int  # tokens per program = block_m // heads per KV head
+    num_splits: int = 1  # key-range splits per program (flash-decoding), merged by a second kernel
+
+
+def choose_splits(num_programs: int, max_kv_len: int | None, num_sms: int) -> int:
+    """Split each program's key range until the grid holds ~4 programs per SM, keeping >= 256 keys per
+    split (`max_kv_len` None: unknown at CUDA-graph capture, so split for the longest). A power of two, so
+    few kernel variants get compiled."""
+    if num_sms <= 0 or num_programs >= num_sms:
+        return 1
+    splits = min(16, -(-4 * num_sms // num_programs))
+    if max_kv_len is not None:
+        splits = min(splits, -(-max_kv_len // 256))
+    return 1 << (max(1, splits).bit_length() - 1)
 
 
 def query_heads_per_program(heads_per_kv: int, num_tokens: int, max_query_len: int) -> tuple[int, int]:
@@ -33,9 +46,10 @@ def query_heads_per_program(heads_per_kv: int, num_tokens: int, max_query_len: i
 
 
 def build_step_tensors(block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
-                       heads_per_kv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
+                       heads_per_kv: int, device: torch.device, num_kv_heads: int = 1,
+                       num_sms: int = 0) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
     """Positions [T] and slot mapping [T] (int64), and the kernel metadata of one step, moved to `device` in
-    two host-to-device copies."""
+    two host-to-device copies. `num_sms` > 0 lets programs split their key range (see `choose_splits`)."""
     block_m, block_q = query_heads_per_program(heads_per_kv, sum(lengths), max(lengths))
     positions, slots, seq_lens, qstart, qseq, qfirst = [], [], [], [0], [], []
     for i, (bt, start, n) in enumerate(zip(block_tables, starts, lengths)):
@@ -53,17 +67,30 @@ def build_step_tensors(block_tables: list[list[int]], starts: list[int], lengths
         for first in range(0, n, block_q):
             qseq.append(i)
             qfirst.append(first)
-    t = len(positions)
-    longs = torch.tensor(positions + slots + seq_lens, dtype=torch.long).to(device, non_blocking=True)
+    # Each array starts 16-byte aligned in its packed buffer: Triton specialises kernels on pointer alignment,
+    # so unaligned slices would compile a new variant mid-serving.
+    t, tp = len(positions), _round_up(len(positions), 2)
+    longs = torch.tensor(_padded(positions, tp) + _padded(slots, tp) + seq_lens, dtype=torch.long).to(
+        device, non_blocking=True)
     width = max(map(len, block_tables))
     b = len(block_tables)
-    flat = [x for bt in block_tables for x in (bt + [0] * (width - len(bt)))]
-    ints = torch.tensor(qstart + qseq + qfirst + flat, dtype=torch.int32).to(device, non_blocking=True)
     g = len(qseq)
+    flat = [x for bt in block_tables for x in (bt + [0] * (width - len(bt)))]
+    ints = torch.tensor(_padded(qstart, _round_up(b + 1, 4)) + _padded(qseq, _round_up(g, 4)) +
+                        _padded(qfirst, _round_up(g, 4)) + flat, dtype=torch.int32).to(device, non_blocking=True)
     o = 0
-    qstart_t, o = ints[o:o + b + 1], o + b + 1
-    qseq_t, o = ints[o:o + g], o + g
-    qfirst_t, o = ints[o:o + g], o + g
-    meta = PagedMetadata(block_tables=ints[o:].view(b, width), seq_lens=longs[2 * t:], query_start=qstart_t,
-                         qblock_seq=qseq_t, qblock_first=qfirst_t, block_m=block_m, block_q=block_q)
-    return longs[:t], longs[t:2 * t], meta
+    qstart_t, o = ints[o:o + b + 1], o + _round_up(b + 1, 4)
+    qseq_t, o = ints[o:o + g], o + _round_up(g, 4)
+    qfirst_t, o = ints[o:o + g], o + _round_up(g, 4)
+    meta = PagedMetadata(block_tables=ints[o:].view(b, width), seq_lens=longs[2 * tp:], query_start=qstart_t,
+                         qblock_seq=qseq_t, qblock_first=qfirst_t, block_m=block_m, block_q=block_q,
+                         num_splits=choose_splits(g * num_kv_heads, max(seq_lens), num_sms))
+    return longs[:t], longs[tp:tp + t], meta
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _padded(values: list[int], n: int) -> list[int]:
+    return values + [0] * (n - len(values))

@@ -2,10 +2,14 @@
 place, read through the block table (no gather), causally by absolute position. One kernel serves decodes,
 prefill chunks and chunks over a cached prefix alike (see `replicas.engine.paged_metadata`).
 
-Grid: (query blocks, KV heads). A program holds `block_q` tokens x the query heads of one KV head as the
-rows of its Q tile, streams K/V tiles of `TILE` positions (several pages) with an online softmax, and
+Grid: (query blocks, KV heads, splits). A program holds `block_q` tokens x the query heads of one KV head as
+the rows of its Q tile, streams K/V tiles of `TILE` positions (several pages) with an online softmax, and
 writes its rows once. Padded rows (past the sequence's tokens, or the GQA group's tail) compute on zeros
-and are never stored.
+and are never stored. When a step has too few programs to fill the GPU (batch-1 decode, a short chunk over
+a long cached prefix), each program's key range is split `num_splits` ways (flash-decoding): the splits
+write unnormalised partials and a second kernel merges them.
+
+`store_kv` writes the step's K and V into their cache slots in one launch.
 """
 from __future__ import annotations
 
@@ -21,13 +25,15 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, qblock_seq_ptr,
-        qblock_first_ptr, qk_scale,
+        qblock_first_ptr, part_ptr, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+        BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+        NUM_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(qblock_seq_ptr + pid)
     q_first = tl.load(qblock_first_ptr + pid)
     q_start = tl.load(query_start_ptr + seq)
@@ -47,15 +53,22 @@ def _paged_attention_kernel(
     q_pos = ctx + tok
     # Keys up to the block's last query token (causal); never past the context.
     kv_end = tl.minimum(seq_len, ctx + q_first + BLOCK_Q)
+    if NUM_SPLITS == 1:
+        lo = 0
+        hi = kv_end
+    else:  # whole tiles per split
+        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE) * TILE
+        lo = split * chunk
+        hi = tl.minimum(kv_end, lo + chunk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_t = tl.arange(0, TILE)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for t0 in range(0, kv_end, TILE):
+    for t0 in range(lo, hi, TILE):
         pos = t0 + offs_t
-        t_ok = pos < kv_end
+        t_ok = pos < hi
         page = tl.load(bt_row + pos // PAGE, mask=t_ok, other=0).to(tl.int64)
         in_page = pos % PAGE
         k_off = page * stride_kb + in_page * stride_ks + kvh * stride_kh
@@ -77,10 +90,77 @@ def _paged_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
+    if NUM_SPLITS == 1:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:  # partial [m | l | acc] rows of this split; a split with no visible key leaves m = -inf, l = 0
+        base = part_ptr + ((pid * tl.num_programs(1) + kvh) * NUM_SPLITS + split).to(tl.int64) * (BLOCK_M * (BLOCK_D + 2))
+        tl.store(base + offs_m, m_i)
+        tl.store(base + BLOCK_M + offs_m, l_i)
+        tl.store(base + 2 * BLOCK_M + offs_m[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _merge_splits_kernel(
+        out_ptr, part_ptr, query_start_ptr, qblock_seq_ptr, qblock_first_ptr, stride_ot, stride_oh,
+        QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_Q: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(qblock_seq_ptr + pid)
+    q_first = tl.load(qblock_first_ptr + pid)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_first + offs_m // QPK
+    head = kvh * QPK + offs_m % QPK
+    row_ok = (offs_m < BLOCK_Q * QPK) & (tok < q_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = (q_start + tok).to(tl.int64)
+    base = part_ptr + ((pid * tl.num_programs(1) + kvh) * NUM_SPLITS).to(tl.int64) * (BLOCK_M * (BLOCK_D + 2))
+    # m and l of all splits in one load; the unrolled acc loop keeps every split's load in flight at once.
+    offs_s = tl.arange(0, NUM_SPLITS)
+    ms = tl.load(base + offs_s[:, None] * (BLOCK_M * (BLOCK_D + 2)) + offs_m[None, :])
+    ls = tl.load(base + offs_s[:, None] * (BLOCK_M * (BLOCK_D + 2)) + BLOCK_M + offs_m[None, :])
+    m = tl.max(ms, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    ws = tl.exp2(ms - m[None, :])
+    l_sum = tl.sum(ls * ws, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part = base + s * (BLOCK_M * (BLOCK_D + 2))
+        w = tl.exp2(tl.load(part + offs_m) - m)
+        acc += tl.load(part + 2 * BLOCK_M + offs_m[:, None] * BLOCK_D + offs_d[None, :]) * w[:, None]
+    l_sum = tl.where(l_sum == 0.0, 1.0, l_sum)
+    out = acc / l_sum[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < ROW
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok)
+    tl.store(k_cache_ptr + slot * ROW + offs, k, mask=ok)
+    tl.store(v_cache_ptr + slot * ROW + offs, v, mask=ok)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D], each token's heads contiguous; caches [num_blocks, block_size, KVH, D], contiguous."""
+    row = k.shape[1] * k.shape[2]
+    assert k.stride(1) == v.stride(1) == k.shape[2] and k.stride(2) == v.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), ROW=row,
+                                    BLOCK=triton.next_power_of_2(row), num_warps=4)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
@@ -96,13 +176,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q = q.contiguous()
     block_d = max(16, triton.next_power_of_2(head_dim))
     tile = 64 if block_d <= 128 else 32
-    grid = (meta.qblock_seq.shape[0], num_kv_heads)
+    splits = meta.num_splits
+    assert splits & (splits - 1) == 0, "num_splits must be a power of two"
+    grid = (meta.qblock_seq.shape[0], num_kv_heads, splits)
+    part = out if splits == 1 else torch.empty(grid[0] * num_kv_heads * splits * meta.block_m * (block_d + 2),
+                                               dtype=torch.float32, device=q.device)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, meta.qblock_seq,
-        meta.qblock_first, scale * _LOG2E,
+        meta.qblock_first, part, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         QPK=qpk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta.block_m, BLOCK_Q=meta.block_q,
-        PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, NUM_SPLITS=splits, num_warps=4,
+        num_stages=2)
+    if splits > 1:
+        _merge_splits_kernel[grid[:2]](
+            out, part, meta.query_start, meta.qblock_seq, meta.qblock_first, out.stride(0), out.stride(1),
+            QPK=qpk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta.block_m, BLOCK_Q=meta.block_q,
+            NUM_SPLITS=splits, num_warps=4)
     return out

@@ -189,13 +189,13 @@ class RMSNorm(nn.Module):
         return _add_rms_norm(x, residual, self.weight, self.eps)
 
 
-@fused
+@fused("rms_norm")
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-@fused
+@fused("add_rms_norm")
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     x = x + residual
     return _rms_norm.__wrapped__(x, weight, eps), x
@@ -233,7 +233,7 @@ class RotaryEmbedding(nn.Module):
         return _apply_rotary(self.cos_sin, positions, q, k)
 
 
-@fused
+@fused("apply_rotary")
 def _apply_rotary(cos_sin: torch.Tensor, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)

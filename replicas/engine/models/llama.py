@@ -55,7 +55,7 @@ class MLP(nn.Module):
         return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
 
 
-@fused
+@fused("silu_and_mul")
 def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, -1)
     return nn.functional.silu(gate) * up
