@@ -37,7 +37,7 @@ from router.tokenization import ModelInfo, PromptPreparer
 log = logging.getLogger("llm_cluster.router")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-MODEL_INFO_TIMEOUT_S = 5.0
+MODEL_INFO_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 2.0
 LARGE_BODY_BYTES = 32 * 1024
 REPLICA_ID_HEADER = "x-replica-id"
@@ -56,7 +56,7 @@ class OpenAIRouter:
         self.admission = Admission(config.router.max_queued_requests, config.router.num_router_replicas)
         self._in_flight = 0
         self._preparer: PromptPreparer | None = None
-        self._preparer_lock = asyncio.Lock()
+        self._preparer_task: asyncio.Task | None = None
         self._active_ids: set[str] = set()
         self.app = self._build_app()
 
@@ -76,15 +76,32 @@ class OpenAIRouter:
                            code="no_healthy_replica") from None
 
     async def preparer(self, info: dict | None = None) -> PromptPreparer:
-        """Tokenizer and model limits, from the first replica that answers; loaded once."""
-        if self._preparer is None:
-            async with self._preparer_lock:
-                if self._preparer is None:
-                    info = info or await self._model_info(MODEL_INFO_TIMEOUT_S)
-                    self._preparer = await asyncio.to_thread(PromptPreparer, ModelInfo.from_replica(info))
-                    log.info("serving model %s (context %d, block size %d)", self._preparer.info.model_id,
-                             self._preparer.info.max_model_len, self._preparer.info.block_size)
-        return self._preparer
+        """Tokenizer and model limits, from the first replica that answers; loaded once.
+
+        The load runs as one shared task: a caller that gives up (a /ready probe with a short client
+        timeout) does not cancel it, so the next caller finds it done instead of starting over."""
+        if self._preparer is not None:
+            return self._preparer
+        if self._preparer_task is None:
+            self._preparer_task = asyncio.create_task(self._load_preparer(info))
+        task = self._preparer_task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._preparer_task is task:  # failed (no replica yet): the next caller tries again
+                self._preparer_task = None
+            raise
+
+    async def _load_preparer(self, info: dict | None) -> PromptPreparer:
+        # Long enough for a cold start from zero replicas; /ready answers fast on its own timeout.
+        info = info or await self._model_info(MODEL_INFO_TIMEOUT_S)
+        preparer = await asyncio.to_thread(PromptPreparer, ModelInfo.from_replica(info))
+        log.info("serving model %s (context %d, block size %d)", preparer.info.model_id,
+                 preparer.info.max_model_len, preparer.info.block_size)
+        self._preparer = preparer
+        return preparer
 
     @staticmethod
     def _check_model(requested: str | None, p: PromptPreparer) -> None:

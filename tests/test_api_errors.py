@@ -166,6 +166,38 @@ async def test_no_healthy_replica_is_503(make_api):
     assert_error(await client.get("/ready"), 503, "service_unavailable_error")
 
 
+async def test_tokenizer_load_survives_impatient_probes(make_api, monkeypatch):
+    """A /ready probe that gives up does not cancel the shared tokenizer load: the next caller
+    finds it running (or done) instead of starting over, so it is built exactly once."""
+    import asyncio
+    import time
+
+    import router.api
+
+    built = []
+    real = router.api.PromptPreparer
+
+    def slow_preparer(info):
+        time.sleep(0.4)  # a large tokenizer on a busy machine
+        built.append(info)
+        return real(info)
+
+    monkeypatch.setattr(router.api, "PromptPreparer", slow_preparer)
+    _, handle, client = make_api()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.get("/ready"), 0.15)
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert (await client.get("/ready")).status_code == 200
+    assert len(built) == 1
+
+
+async def test_first_request_waits_for_a_cold_start(make_api):
+    _, handle, client = make_api(handle_kw={"info_delay_s": 1.0})  # no replica answers for 1 s
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 async def test_not_ready_without_replicas(make_api):
     _, _, client = make_api(handle_kw={"info_error": True})
     assert (await client.get("/health")).status_code == 200
