@@ -130,7 +130,7 @@ def test_dead_worker_fails_the_step_and_the_check(tiny_model_dir):
         t0 = time.monotonic()
         with pytest.raises(TPFailure):
             engine.step()
-        assert time.monotonic() - t0 < 20  # the closed socket fails the collective; no timeout needed
+        assert time.monotonic() - t0 < 5  # the closed socket fails the collective at once, not tp_timeout_s
         with pytest.raises(TPFailure, match="broken"):  # the group is not reused
             engine.step()
     finally:
