@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -145,10 +146,23 @@ def test_hung_worker_times_out_instead_of_hanging(tiny_model_dir):
         run_all(engine, [request("ok", [5, 6, 7], greedy(2))])
         os.kill(proc.pid, signal.SIGSTOP)
         engine.add_request(request("stuck", [5, 6, 7], greedy(2)))
+        # The replica's event loop (health checks) must keep running while the engine thread waits.
+        ticks, stop = [], threading.Event()
+
+        def tick():
+            while not stop.wait(0.05):
+                ticks.append(1)
+        ticker = threading.Thread(target=tick)
+        ticker.start()
         t0 = time.monotonic()
-        with pytest.raises(TPFailure):
-            engine.step()
+        try:
+            with pytest.raises(TPFailure):
+                engine.step()
+        finally:
+            stop.set()
+            ticker.join()
         assert 2 < time.monotonic() - t0 < 60
+        assert len(ticks) > 10  # the blocked collective released the GIL
         with pytest.raises(RuntimeError, match="step failed"):
             engine.check_workers(1.0)
     finally:
