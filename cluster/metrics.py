@@ -13,8 +13,8 @@ Who records what (all through `MetricsRecorder`; the helpers below wrap the comm
 | router ingress (`router/api.py`) via `RequestObserver` | llmc_requests_total, llmc_time_to_first_token_seconds, llmc_inter_token_latency_seconds, llmc_e2e_request_latency_seconds, llmc_prompt_tokens_total, llmc_generation_tokens_total |
 | router ingress (failover loop, admission) | llmc_request_retries_total, llmc_failovers_total, llmc_router_queued_requests, llmc_router_in_flight_requests |
 | request router (`router/routing.py`) | llmc_routing_decisions_total, llmc_router_prefix_query_tokens_total, llmc_router_prefix_hit_tokens_total, llmc_redis_fallbacks_total{component="router"} |
-| replica (`replicas/deployment.py`) via `EngineStatsExporter` | llmc_num_requests_waiting, llmc_num_requests_running, llmc_pending_prefill_tokens, llmc_kv_cache_usage_ratio, llmc_prefix_cache_query_tokens_total, llmc_prefix_cache_hit_tokens_total, llmc_num_preemptions_total |
-| replica KV event publisher (`kvstore/`) | llmc_redis_fallbacks_total{component="publisher"} |
+| replica (`replicas/metrics.py`: `EngineStatsExporter` fed once a second) | llmc_num_requests_waiting, llmc_num_requests_running, llmc_pending_prefill_tokens, llmc_kv_cache_usage_ratio, llmc_prefix_cache_query_tokens_total, llmc_prefix_cache_hit_tokens_total, llmc_num_preemptions_total |
+| replica KV event publisher (`kvstore/`, its `on_fallback` -> `replicas/metrics.py`) | llmc_redis_fallbacks_total{component="publisher"} |
 | autoscaling policy (`cluster/autoscaling.py`, runs in the Serve controller) | llmc_autoscaling_desired_replicas, llmc_autoscaling_actual_replicas |
 
 Hit rates are ratios of counters, taken in PromQL (rate(hit)/rate(query)), never pre-divided: a ratio
