@@ -16,7 +16,7 @@ import torch.distributed as dist
 from replicas.engine.async_engine import AsyncLLMEngine
 from replicas.engine.config import EngineConfig
 from replicas.engine.model_runner import StepInputs
-from replicas.engine.parallel import TPFailure, pack_step, unpack_step
+from replicas.engine.parallel import ProcessWorkers, TPFailure, pack_step, unpack_step
 from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -168,3 +168,21 @@ def test_hung_worker_times_out_instead_of_hanging(tiny_model_dir):
     finally:
         engine.shutdown()
     assert not proc.is_alive() and not dist.is_initialized()
+
+
+def test_failed_start_leaves_no_worker_or_group(tiny_model_factory):
+    model_dir = tiny_model_factory(num_heads=3, num_kv_heads=1, hidden=48)  # 3 heads do not split over 2 ranks
+    procs = []
+    real_start = ProcessWorkers._start
+
+    def start(self, host, port):
+        real_start(self, host, port)
+        procs.extend(self.procs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ProcessWorkers, "_start", start)
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="not divisible"):
+            _tp_engine(model_dir, num_kv_blocks=16)
+    assert time.monotonic() - t0 < 60  # no waiting out a collective timeout
+    assert procs and not any(p.is_alive() for p in procs)
+    assert not dist.is_initialized()

@@ -159,7 +159,7 @@ class TPWorkers:
         try:
             self.tp, control = join_group(config, 0, store)  # concurrently with the workers' joins
         except BaseException as e:
-            self._kill()
+            self.shutdown(stop_message=False)
             raise RuntimeError(f"tensor-parallel ranks did not join: {e}{self._startup_errors()}") from e
         self.channel = StepChannel(control)
 
@@ -179,7 +179,7 @@ class TPWorkers:
             runner = DriverRunner(self.config, args, self)
             self._wait_ready(self.config.tp_timeout_s)
         except BaseException:
-            self.shutdown()
+            self.shutdown(stop_message=False)  # the workers are not in their step loop
             raise
         return runner
 
@@ -201,7 +201,7 @@ class TPWorkers:
             raise RuntimeError(f"a tensor-parallel step failed: {self.failure!r}")
         self._ping(timeout_s)
 
-    def shutdown(self) -> None:
+    def shutdown(self, stop_message: bool = True) -> None:
         """Stop the worker ranks: the stop message if the engine is between steps, then kill what is left.
         No process group is left behind on any rank."""
         if self.closed:
@@ -209,7 +209,7 @@ class TPWorkers:
         self.closed = True  # a later step raises TPFailure
         idle = self._lock.acquire(timeout=_SHUTDOWN_WAIT_S)
         clean = False
-        if idle and self.failure is None:
+        if idle and stop_message and self.failure is None:
             try:
                 self.channel.send(None)
                 clean = True
@@ -218,7 +218,8 @@ class TPWorkers:
         self._reap(self.config.tp_timeout_s if clean else 0.0)
         # Killing the workers also ends a step stuck in a gloo collective (the peers' sockets close).
         if idle or self._lock.acquire(timeout=_SHUTDOWN_WAIT_S):
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
             self._lock.release()
 
     # Subclasses: how worker ranks run.
@@ -240,9 +241,6 @@ class TPWorkers:
     def _reap(self, wait_s: float) -> None:
         """Wait up to wait_s for the workers to end (after the stop message), then kill the rest."""
         raise NotImplementedError
-
-    def _kill(self) -> None:
-        self._reap(0.0)
 
 
 class DriverRunner(ModelRunner):
