@@ -1,10 +1,11 @@
-"""The `llm-cluster` command: serve (the local launcher), prepare-model, status."""
+"""The `llm-cluster` command: serve (the local launcher), prepare-model, status, bench."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from cluster.config import ConfigError, load_config
 
@@ -42,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--json", action="store_true")
     p_status.add_argument("--app", default="llm-cluster")
     p_status.add_argument("--redis-url", help="Redis to PING (default: REDIS_URL, else asked of the cluster)")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", add_help=False, help="the standard benchmark suite on local clusters: "
+                   "`python -m load_tests suite` with the same options (e.g. --out DIR --quick --steps a,b)")
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":  # its options belong to `python -m load_tests suite`, which parses them
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
@@ -60,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-cluster: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _bench(suite_args: list[str]) -> int:
+    # The tiny-model steps build their model with tests/tiny_model.py, which only a source checkout has;
+    # `python -m` puts the checkout on sys.path, a console script does not.
+    root = Path(__file__).resolve().parents[1]
+    if (root / "tests" / "tiny_model.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from load_tests.__main__ import main as load_tests_main
+    return load_tests_main(["suite", *suite_args])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ log = logging.getLogger("llm_cluster")
 
 @contextlib.contextmanager
 def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_address: str | None = None,
-                    dashboard: bool = True) -> Iterator[ClusterConfig]:
+                    dashboard: bool = True, log_to_driver: bool = True) -> Iterator[ClusterConfig]:
     """Start everything for `cfg`, yield the effective config (with redis_url filled in), stop on exit."""
     import ray
     from ray import serve
@@ -35,7 +35,7 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
         started_ray = not ray.is_initialized()
         if started_ray:
             ray.init(address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
-                     include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
             stack.callback(ray.shutdown)
         serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})

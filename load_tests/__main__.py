@@ -3,10 +3,15 @@
     python -m load_tests run --url http://127.0.0.1:8000 --workload multiturn --requests 100 --concurrency 8 --out reports/x
     python -m load_tests sweep --url http://127.0.0.1:8000 --workload sharegpt --concurrency 1,2,4,8 --out reports/sweep
     python -m load_tests suite --url http://127.0.0.1:8000 --out reports/suite [--steps multiturn,long_context]
+    python -m load_tests suite [--out reports/<date>] [--quick] [--steps routing_policies,autoscaling]
+
+`suite` without --url is the standard suite on local clusters (load_tests.standard: each step starts
+what it needs on 127.0.0.1); `llm-cluster bench` runs the same.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
 
@@ -22,9 +27,11 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="base URL of the OpenAI-compatible server")
-    p.add_argument("--out", required=True, type=Path, help="report directory")
+def _common(p: argparse.ArgumentParser, local_suite: bool = False) -> None:
+    p.add_argument("--url", required=not local_suite, help="base URL of the OpenAI-compatible server" + (
+        "; without it, the standard suite on local clusters" if local_suite else ""))
+    p.add_argument("--out", required=not local_suite, type=Path, help="report directory" + (
+        " (default reports/<date>)" if local_suite else ""))
     p.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     p.add_argument("--requests", type=int, default=100, help="requests per run (workload size and cap)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,8 +77,9 @@ def parser() -> argparse.ArgumentParser:
     levels.add_argument("--rate", type=_floats, help="comma-separated Poisson rates (req/s)")
 
     suite = sub.add_parser("suite", help="the standard suite (suite.py lists the steps)")
-    _common(suite)
+    _common(suite, local_suite=True)
     suite.add_argument("--steps", help="comma-separated subset of the steps")
+    suite.add_argument("--quick", action="store_true", help="local suite: every step shrunk (a few minutes)")
     suite.add_argument("--concurrency", type=int, default=8)
     suite.add_argument("--sweep", type=_floats, default=[1, 2, 4, 8], help="concurrency levels of the sweep step")
     return ap
@@ -79,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.cmd == "suite" and a.url is None:
+        return _local_suite(a)
     try:
         check_target(a.url, a.allow_remote)
     except ValueError as e:
@@ -109,6 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                       ignore_eos=a.ignore_eos, client=client)
     results = run_suite(a.url, a.out, default_steps(cfg), only=a.steps.split(",") if a.steps else None)
     print((Path(a.out) / "suite.md").read_text(), end="")
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+def _local_suite(a: argparse.Namespace) -> int:
+    from load_tests.standard import run_standard_suite
+    out = a.out or Path("reports") / datetime.date.today().isoformat()
+    try:
+        results = run_standard_suite(out, quick=a.quick, only=a.steps.split(",") if a.steps else None,
+                                     progress=not a.no_progress)
+    except ValueError as e:  # unknown step names
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((Path(out) / "suite.md").read_text(), end="")
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 

@@ -75,8 +75,8 @@ def wait_ready(base: str, handle, replicas: int, timeout_s: float = 300) -> None
     raise TimeoutError("cluster not ready")
 
 
-def replica_stats(handle) -> dict[str, dict]:
-    results = handle.broadcast("stats").results(timeout_s=20, return_exceptions=True)
+def replica_stats(handle, timeout_s: float = 20) -> dict[str, dict]:
+    results = handle.broadcast("stats").results(timeout_s=timeout_s, return_exceptions=True)
     return {s["replica_id"]: s for s in results if isinstance(s, dict)}
 
 
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
 
     model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="llmc-tiny-")))
     metrics_port = free_port()
-    ray.init(num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False, namespace="llmc-bench",
-             runtime_env={"env_vars": ENV}, _metrics_export_port=metrics_port,
+    ray.init(address="local", num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False,
+             namespace="llmc-bench", runtime_env={"env_vars": ENV}, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

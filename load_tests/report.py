@@ -3,7 +3,8 @@
 - one run: latency CDFs (TTFT, ITL, E2E), per-replica load (from x-replica-id), replicas against
   queue depth over time (from the sampled status time series)
 - a sweep: throughput and latency against offered load, plus each run's own report
-- a comparison (routing policies): cache hit rate, TTFT and load balance by policy, plus each run's report
+- a comparison (routing policies: cache hit rate, TTFT and load balance by policy; or servers: tok/s,
+  TTFT, TPOT by server), plus each run's report
 
 A plot that has no data to show is left out and the reason is listed under "skipped" in the JSON.
 """
@@ -107,10 +108,14 @@ def _series(run: RunResult, key: str) -> tuple[list[float], list[float]]:
 def plot_replicas_vs_queue(run: RunResult, path: Path, replicas_key: str, queue_key: str) -> str:
     fig, (ax,) = _figure(1, width=7)
     t, n = _series(run, replicas_key)
-    ax.step(t, n, where="post", color="tab:blue", label=replicas_key)
+    ax.step(t, n, where="post", color="tab:blue", label=f"{replicas_key} (running)")
+    tt, target = _series(run, replicas_key + "_target")  # wanted by the autoscaler, when the status says
+    if target:
+        ax.step(tt, target, where="post", color="tab:blue", ls="--", alpha=0.6, label=f"{replicas_key} wanted")
+        ax.legend(loc="upper left")
     ax.set_xlabel("time since run start (s)")
     ax.set_ylabel("replicas", color="tab:blue")
-    ax.set_ylim(0, max(n) + 1)
+    ax.set_ylim(0, max(n + target) + 1)
     ax2 = ax.twinx()
     tq, q = _series(run, queue_key)
     ax2.plot(tq, q, color="tab:orange", label=queue_key)
@@ -215,8 +220,38 @@ def plot_policies(summaries: dict[str, Summary], path: Path) -> str:
     return _save(fig, path)
 
 
-def write_comparison_report(runs: dict[str, RunResult], out_dir: str | Path, *, title: str = "policies") -> ReportFiles:
-    """comparison.json/md and policy_hit_rate.png; each run's full report under <name>/."""
+def plot_servers(summaries: dict[str, Summary], path: Path) -> str:
+    """Servers side by side on one workload: output tok/s (with each one's multiple of the first), TTFT, TPOT."""
+    names = list(summaries)
+    colors = [f"C{i}" for i in range(len(names))]
+    fig, axes = _figure(3, width=4.0)
+    tok = [s.output_throughput for s in summaries.values()]
+    bars = axes[0].bar(names, tok, color=colors)
+    base = tok[0] or None
+    axes[0].bar_label(bars, labels=[f"{v:.1f}" + (f"\n{v / base:.2f}×" if base and i else "")
+                                    for i, v in enumerate(tok)], fontsize=8)
+    axes[0].set_title("output tokens / s")
+    axes[0].set_ylim(0, max(tok + [1.0]) * 1.3)
+    for ax, key, label in ((axes[1], "ttft_s", "TTFT (ms)"), (axes[2], "tpot_s", "TPOT (ms)")):
+        for j, q in enumerate(("p50", "p99")):
+            vals = [0.0 if getattr(s, key) is None else getattr(getattr(s, key), q) * 1000 for s in summaries.values()]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+            b = ax.bar(xs, vals, width=0.38, color=colors, alpha=1.0 if j == 0 else 0.5, label=q)
+            ax.bar_label(b, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(f"{label}: p50 (solid), p99 (light)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelsize=8, labelrotation=15)
+    return _save(fig, path)
+
+
+def write_comparison_report(runs: dict[str, RunResult], out_dir: str | Path, *, title: str = "policies",
+                            plot=plot_policies, plot_name: str = "policy_hit_rate", notes: str = "",
+                            extra: dict | None = None) -> ReportFiles:
+    """comparison.json/md and the comparison plot (`plot`, saved as <plot_name>.png: the policy panels by
+    default, plot_servers for servers); each run's full report under <name>/. `notes` (markdown) and
+    `extra` (JSON) carry what the caller measured beside the runs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = {}
@@ -225,7 +260,8 @@ def write_comparison_report(runs: dict[str, RunResult], out_dir: str | Path, *, 
         entries[name] = {"summary": r.summary.model_dump(mode="json"),
                          "report": str(Path(sub.json_path).relative_to(out))}
     summaries = {k: r.summary for k, r in runs.items()}
-    plots = {"policy_hit_rate": plot_policies(summaries, out / "policy_hit_rate.png")} if runs else {}
-    skipped = {} if runs else {"policy_hit_rate": "no runs"}
-    md = f"# {title}\n\n" + summary_table(summaries)
-    return _write(out, "comparison", {"kind": "comparison", "title": title, "runs": entries}, md, plots, skipped)
+    plots = {plot_name: plot(summaries, out / f"{plot_name}.png")} if runs else {}
+    skipped = {} if runs else {plot_name: "no runs"}
+    md = f"# {title}\n\n" + summary_table(summaries) + (f"\n{notes}\n" if notes else "")
+    return _write(out, "comparison", {"kind": "comparison", "title": title, "runs": entries, **(extra or {})}, md,
+                  plots, skipped)

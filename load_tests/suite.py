@@ -18,6 +18,9 @@ a full URL or a callable) for the replicas-against-queue-depth plot.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 import traceback
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -25,11 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 from pydantic import BaseModel, Field
+from tqdm import tqdm
 
 from load_tests.client import ClientConfig, RunResult, run_load_sync
 from load_tests.report import write_comparison_report, write_run_report, write_sweep_report
 from load_tests.sampler import StatusSource
-from load_tests.workloads import Arrival, RatePhase, burst_phases, generate, preset, ramp_phases
+from load_tests.workloads import (Arrival, LengthDist, RatePhase, ShareGPTConfig, burst_phases, generate, preset,
+                                  ramp_phases)
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,23 @@ class SuiteConfig(BaseModel):
     burst: list[RatePhase] = Field(default_factory=lambda: burst_phases(1.0, 8.0))
     ramp: list[RatePhase] = Field(default_factory=lambda: ramp_phases(0.5, 8.0))
     ignore_eos: bool = False
+    # Lengths of the ShareGPT-shaped steps (single runs, bursts, ramps); None keeps the preset's.
+    sharegpt_input: LengthDist | None = None
+    sharegpt_output: LengthDist | None = None
     client: ClientConfig = Field(default_factory=lambda: ClientConfig(url="http://127.0.0.1"))  # url set per step
 
     def client_for(self, base_url: str) -> ClientConfig:
         return self.client.model_copy(update={"url": base_url})
 
+    def workload(self, name: str, arrival: Arrival | None):
+        wl = preset(name, requests=self.requests, seed=self.seed, arrival=arrival, ignore_eos=self.ignore_eos)
+        if isinstance(wl, ShareGPTConfig):
+            wl = wl.model_copy(update={k: v for k, v in (("input_tokens", self.sharegpt_input),
+                                                         ("output_tokens", self.sharegpt_output)) if v is not None})
+        return wl
 
-def _digest(run: RunResult, report_json: str | None = None) -> dict:
+
+def digest(run: RunResult, report_json: str | None = None) -> dict:
     s = run.summary
     return {"report": report_json, "sent": s.sent, "ok": s.ok, "errors": s.errors,
             "output_throughput": s.output_throughput, "request_throughput": s.request_throughput,
@@ -76,22 +91,21 @@ def run_sweep(workload: str, loads: list[float], client: ClientConfig, *, reques
 
 def _single(cfg: SuiteConfig, workload: str, arrival: Arrival | None, title: str) -> Callable[[str, Path], dict]:
     def step(base_url: str, out: Path) -> dict:
-        wl = generate(preset(workload, requests=cfg.requests, seed=cfg.seed, arrival=arrival, ignore_eos=cfg.ignore_eos))
+        wl = generate(cfg.workload(workload, arrival))
         client = cfg.client_for(base_url).model_copy(update={"max_requests": cfg.requests})
         run = run_load_sync(wl, client)
-        return _digest(run, write_run_report(run, out, title=title).json_path)
+        return digest(run, write_run_report(run, out, title=title).json_path)
     return step
 
 
 def _phased(cfg: SuiteConfig, phases: list[RatePhase], status: StatusSource | None, title: str,
             replicas_key: str = "replicas", queue_key: str = "queue_depth") -> Callable[[str, Path], dict]:
     def step(base_url: str, out: Path) -> dict:
-        wl = generate(preset("sharegpt", requests=cfg.requests, seed=cfg.seed, ignore_eos=cfg.ignore_eos,
-                             arrival=Arrival(kind="poisson", phases=phases)))
+        wl = generate(cfg.workload("sharegpt", Arrival(kind="poisson", phases=phases)))
         source = base_url.rstrip("/") + status if isinstance(status, str) and status.startswith("/") else status
         run = run_load_sync(wl, cfg.client_for(base_url).model_copy(update={"max_requests": cfg.requests}), source)
         files = write_run_report(run, out, title=title, replicas_key=replicas_key, queue_key=queue_key)
-        return {**_digest(run, files.json_path), "status_samples": len(run.timeseries)}
+        return {**digest(run, files.json_path), "status_samples": len(run.timeseries)}
     return step
 
 
@@ -101,7 +115,7 @@ def default_steps(cfg: SuiteConfig) -> list[Step]:
         runs = run_sweep("sharegpt", cfg.sweep, cfg.client_for(base_url), requests=cfg.requests, seed=cfg.seed,
                          ignore_eos=cfg.ignore_eos)
         files = write_sweep_report(runs, out, title="sharegpt concurrency sweep")
-        return {"report": files.json_path, "points": [{"concurrency": r.offered_load, **_digest(r)}
+        return {"report": files.json_path, "points": [{"concurrency": r.offered_load, **digest(r)}
                                                        for r in runs]}
     return [
         Step("sharegpt_sweep", sweep),
@@ -122,16 +136,16 @@ def policy_comparison_step(launch: Callable[[str], AbstractContextManager[str]],
                                      arrival=Arrival(concurrency=cfg.concurrency)))
                 runs[policy] = run_load_sync(wl, cfg.client_for(url).model_copy(update={"max_requests": cfg.requests}))
         files = write_comparison_report(runs, out, title="routing policies")
-        digest = {"report": files.json_path, "policies": {k: _digest(r) for k, r in runs.items()}}
+        result = {"report": files.json_path, "policies": {k: digest(r) for k, r in runs.items()}}
         if "prefix" in runs and "pow2" in runs:
             p, q = runs["prefix"].summary, runs["pow2"].summary
-            digest["prefix_vs_pow2"] = {
+            result["prefix_vs_pow2"] = {
                 "hit_rate_ratio": p.cache_hit_rate / q.cache_hit_rate if p.cache_hit_rate and q.cache_hit_rate else None,
                 "ttft_p50_speedup": q.ttft_s.p50 / p.ttft_s.p50 if p.ttft_s and q.ttft_s else None,
                 "prefix_max_over_mean_load": p.max_over_mean_load,
                 "targets": {"hit_rate_ratio": ">= 3", "ttft_p50_speedup": ">= 2", "prefix_max_over_mean_load": "<= 1.5"},
             }
-        return digest
+        return result
     return Step("policy_comparison", step)
 
 
@@ -141,24 +155,52 @@ def autoscaling_step(cfg: SuiteConfig, status: StatusSource, *, replicas_key: st
     return Step("autoscaling", _phased(cfg, cfg.ramp, status, "autoscaling ramp", replicas_key, queue_key))
 
 
-def run_suite(base_url: str, out_dir: str | Path, steps: list[Step], only: list[str] | None = None) -> dict:
+def run_suite(base_url: str | None, out_dir: str | Path, steps: list[Step], only: list[str] | None = None, *,
+              meta: dict | None = None, progress: bool = True) -> dict:
+    """Run the steps (or those named in `only`) in order into out_dir/<step>/, with a progress bar over
+    steps, and write the index: suite.json (every digest, each step's wall time, `meta`) and suite.md.
+    base_url None: the steps start their own servers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(only or []) - {s.name for s in steps}
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)}; have {[s.name for s in steps]}")
+    chosen = [s for s in steps if not only or s.name in only]
+    # On a shared box the load average belongs beside the numbers.
+    meta = {**(meta or {}), "load_average_start": _loadavg()}
     results: dict[str, dict] = {}
-    for s in steps:
-        if only and s.name not in only:
-            continue
+    durations: dict[str, float] = {}
+    bar = tqdm(chosen, desc="suite", unit="step", disable=not progress, file=sys.stderr)
+    for s in bar:
+        bar.set_postfix_str(s.name)
+        t0 = time.monotonic()
         try:
             results[s.name] = {"ok": True, **s.fn(base_url, out / s.name)}
         except Exception as e:  # noqa: BLE001 - one broken step must not lose the others' results
             results[s.name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    (out / "suite.json").write_text(json.dumps({"url": base_url, "steps": results}, indent=1, default=str))
-    lines = ["# benchmark suite", "", f"target {base_url}", "", "| step | result | report |", "|---|---|---|"]
-    for name, r in results.items():
-        report = Path(r["report"]).relative_to(out) if r.get("report") else ""
-        lines.append(f"| {name} | {'ok' if r['ok'] else r['error']} | {report} |")
-    (out / "suite.md").write_text("\n".join(lines) + "\n")
+        durations[s.name] = round(time.monotonic() - t0, 1)
+    bar.close()
+    meta["load_average_end"] = _loadavg()
+    (out / "suite.json").write_text(json.dumps({"url": base_url, "meta": meta, "durations_s": durations,
+                                                "steps": results}, indent=1, default=str))
+    (out / "suite.md").write_text(_index_markdown(base_url, out, results, durations, meta))
     return results
+
+
+def _loadavg() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def _index_markdown(base_url: str | None, out: Path, results: dict[str, dict], durations: dict[str, float],
+                    meta: dict) -> str:
+    lines = ["# benchmark suite", "", f"target {base_url or 'local clusters started by each step'}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()] + ([""] if meta else [])
+    lines += ["| step | result | time | report |", "|---|---|---|---|"]
+    for name, r in results.items():
+        result = ("ok" + (f": {r['headline']}" if r.get("headline") else "")) if r["ok"] else r["error"]
+        report = ""
+        if r.get("report"):
+            rel = Path(r["report"]).relative_to(out)
+            report = f"[{rel.with_suffix('.md')}]({rel.with_suffix('.md')}) · {rel}"
+        lines.append(f"| {name} | {result} | {durations[name]:.0f} s | {report} |")
+    return "\n".join(lines) + "\n"
