@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -186,3 +189,30 @@ def test_failed_start_leaves_no_worker_or_group(tiny_model_factory):
     assert time.monotonic() - t0 < 60  # no waiting out a collective timeout
     assert procs and not any(p.is_alive() for p in procs)
     assert not dist.is_initialized()
+
+
+def test_worker_exits_when_rank0_dies(tiny_model_dir):
+    """A local worker rank whose rank 0 is killed (a benchmark stopped at its limit) does not linger."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+              "from tests.engine_utils import make_engine\n"
+              f"e = make_engine({str(tiny_model_dir)!r}, tp_size=2, num_kv_blocks=16)\n"
+              "print(e.workers.procs[0].pid, flush=True)\n"
+              "import time; time.sleep(600)\n")
+    rank0 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(rank0.stdout.readline())
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.monotonic() + 30
+    while _running(worker_pid):
+        assert time.monotonic() < deadline, "the worker rank outlived its rank 0"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

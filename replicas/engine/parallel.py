@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -138,7 +139,7 @@ class WorkerRank:
         with torch.inference_mode():
             while (step := self.channel.recv()) is not None:
                 self.runner.execute(step)
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # while rank 0 leaves too
 
 
 # ---------------------------------------------------------------------------- rank 0
@@ -202,25 +203,28 @@ class TPWorkers:
         self._ping(timeout_s)
 
     def shutdown(self, stop_message: bool = True) -> None:
-        """Stop the worker ranks: the stop message if the engine is between steps, then kill what is left.
-        No process group is left behind on any rank."""
+        """Stop the worker ranks: the stop message if the engine is between steps, else kill them. No
+        process or process group is left behind on any rank."""
         if self.closed:
             return
         self.closed = True  # a later step raises TPFailure
         idle = self._lock.acquire(timeout=_SHUTDOWN_WAIT_S)
-        clean = False
-        if idle and stop_message and self.failure is None:
-            try:
-                self.channel.send(None)
-                clean = True
-            except Exception:  # noqa: BLE001 - a worker is gone: kill the rest
-                log.warning("TP stop message failed; killing the worker ranks", exc_info=True)
-        self._reap(self.config.tp_timeout_s if clean else 0.0)
-        # Killing the workers also ends a step stuck in a gloo collective (the peers' sockets close).
-        if idle or self._lock.acquire(timeout=_SHUTDOWN_WAIT_S):
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        clean = idle and stop_message and self.failure is None and self._send_stop()
+        if not clean:
+            self._reap(0.0)  # also ends a step stuck in a gloo collective: the peers' sockets close
+            idle = idle or self._lock.acquire(timeout=_SHUTDOWN_WAIT_S)
+        if idle:  # no step in flight: the groups can go
+            _leave_groups(self.config.tp_timeout_s)  # at the same time as the workers leave theirs
             self._lock.release()
+        self._reap(self.config.tp_timeout_s if clean else 0.0)
+
+    def _send_stop(self) -> bool:
+        try:
+            self.channel.send(None)
+            return True
+        except Exception:  # noqa: BLE001 - a worker is gone: kill the rest
+            log.warning("TP stop message failed; killing the worker ranks", exc_info=True)
+            return False
 
     # Subclasses: how worker ranks run.
     def _host(self) -> str:
@@ -309,6 +313,18 @@ class ProcessWorkers(TPWorkers):
                 p.join(5.0)
 
 
+def _leave_groups(timeout_s: float) -> None:
+    """destroy_process_group, bounded: NCCL's teardown may wait for peers (every rank leaves at once after
+    the stop message), and must not hang this process when they are gone."""
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, name="tp-leave-groups", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning("leaving the tensor-parallel process groups did not finish within %.0fs", timeout_s)
+
+
 def _visible_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -325,4 +341,13 @@ def _process_main(config_json: str, rank: int, host: str, port: int, gpu: str | 
         ready.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
     ready.put(None)
-    worker.serve()
+    code = 0
+    try:
+        worker.serve()
+    except BaseException:  # noqa: BLE001 - e.g. rank 0 went away
+        traceback.print_exc()
+        code = 1
+    # Skip interpreter teardown (CUDA graphs, NCCL communicators): it can hang, and this rank is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
