@@ -62,7 +62,7 @@ class RoutingParams(BaseModel):
     prefix_weight: float = Field(2.0, ge=0, description="Value of one cached token vs one queued token.")
     request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
                                        "beyond its pending prefill, in prefill tokens.")
-    balance_slack: float = Field(2.0, ge=0, description="Requests a candidate may run above the least-loaded "
+    balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the least-loaded "
                                  "one and still be preferred for its cache ...")
     balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
