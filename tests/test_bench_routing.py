@@ -29,9 +29,13 @@ def test_ray_metrics_parser_sums_label_sets(monkeypatch):
         'ray_llmc_routing_decisions_total{Component="core_worker",outcome="cache_hit",policy="prefix"} 7.0',
         'ray_llmc_routing_decisions_total{Component="core_worker",outcome="cache_hit",policy="prefix",pid="2"} 3.0',
         'ray_llmc_routing_decisions_total{outcome="index_fallback",policy="prefix"} 2.0',
-        'ray_llmc_requests_total{status="ok"} 99.0'])
+        'ray_llmc_requests_total{status="ok"} 99.0',
+        'ray_llmc_redis_fallbacks_total{component="router",reason="timeout"} 4.0',
+        'ray_llmc_redis_fallbacks_total{component="publisher",reason="timeout"} 5.0'])
 
     class Resp:
         text = export
     monkeypatch.setattr(bench_routing.httpx, "get", lambda *a, **k: Resp())
     assert bench_routing.ray_metrics(1) == {"cache_hit": 10.0, "index_fallback": 2.0}
+    assert bench_routing.ray_metrics(1, "llmc_redis_fallbacks_total", "reason", 'component="router"') == \
+        {"timeout": 4.0}
