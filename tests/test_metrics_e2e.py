@@ -118,7 +118,7 @@ async def test_router_and_ray_export_show_the_named_metrics(cluster):
             await asyncio.wait_for(started.wait(), 60)
             want = {
                 "ray_llmc_kv_cache_usage_ratio": max, "ray_llmc_num_requests_running": sum,
-                "ray_llmc_num_requests_waiting": sum, "ray_llmc_prefix_cache_query_tokens_total": sum,
+                "ray_llmc_prefix_cache_query_tokens_total": sum,
                 "ray_llmc_prefix_cache_hit_tokens_total": sum,
             }
             deadline = time.monotonic() + 60
@@ -136,6 +136,10 @@ async def test_router_and_ray_export_show_the_named_metrics(cluster):
                 t.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
     assert all(got.values()), got
+    # Waiting is a sampled gauge that is legitimately 0 when the agent scrapes between queueing
+    # moments (timing depends on machine load): required to be exported per replica, not non-zero.
+    waiting = [lab["replica"] for n, lab, _ in ray_side if n == "ray_llmc_num_requests_waiting"]
+    assert len(set(waiting)) == N_REPLICAS, waiting
     assert 0 < got["ray_llmc_kv_cache_usage_ratio"] <= 1
     assert got["ray_llmc_prefix_cache_hit_tokens_total"] >= 16  # at least one full block found cached
     assert got["desired"] == got["actual"] == N_REPLICAS
