@@ -73,8 +73,9 @@ class StandardConfig(BaseModel):
     # autoscaling
     as_max_replicas: int = Field(3, ge=2)
     # quiet, burst, then a long quiet tail so the scale-down shows too
-    as_phases: list[RatePhase] = Field(default_factory=lambda: _burst(0.5, 6.0, before_s=15, burst_s=20, after_s=40))
-    as_requests: int = Field(400, ge=1)  # cap; the phases end the workload first
+    # The burst must outrun one replica (max_num_seqs 2) even on a quiet box.
+    as_phases: list[RatePhase] = Field(default_factory=lambda: _burst(0.5, 20.0, before_s=15, burst_s=20, after_s=40))
+    as_requests: int = Field(600, ge=1)  # cap; the phases end the workload first
     as_output: LengthDist = Field(default_factory=lambda: LengthDist(median=32, sigma=0.3, min=8, max=64))
     run_deadline_s: float = Field(300, gt=0)  # any one load run
 
@@ -84,7 +85,7 @@ class StandardConfig(BaseModel):
             compare_requests=8, compare_concurrency=8, transformers_cb=False, lt_requests=8, lt_concurrency=4,
             lt_input=LengthDist(median=48, sigma=0.5, min=8, max=128), lt_output=LengthDist(median=16, min=4, max=32),
             routing_policies=["pow2", "prefix"], routing_replicas=2, routing_conversations=4, routing_turns=2,
-            as_max_replicas=2, as_phases=_burst(0.5, 6.0, before_s=3, burst_s=6, after_s=5), as_requests=60,
+            as_max_replicas=2, as_phases=_burst(0.5, 15.0, before_s=3, burst_s=5, after_s=5), as_requests=120,
             as_output=LengthDist(median=24, min=8, max=32), run_deadline_s=150), **kw})
 
 

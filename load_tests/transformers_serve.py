@@ -26,7 +26,7 @@ import httpx
 from load_tests.target import check_target
 
 
-def _servable_dir(model_dir: Path, scratch: Path) -> Path:
+def servable_dir(model_dir: Path, scratch: Path) -> Path:
     """model_dir itself when its config names an architecture, else a directory of links to its files
     with `architectures` filled in from model_type (the transformers naming rule, e.g. LlamaForCausalLM)."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -62,7 +62,7 @@ def transformers_serve(model_dir: str | os.PathLike, *, continuous_batching: boo
     exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmc-tserve-")))
-        served = _servable_dir(Path(model_dir).expanduser(), scratch)
+        served = servable_dir(Path(model_dir).expanduser(), scratch)
         log = stack.enter_context(open(log_path or scratch / "serve.log", "w+"))
         cmd = [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
                "--continuous-batching" if continuous_batching else "--no-continuous-batching", str(served)]

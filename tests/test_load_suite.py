@@ -1,0 +1,72 @@
+"""The standard suite end to end in --quick mode, on real local clusters: transformers serve and our SmolLM2
+cluster, tiny-model replicas under two routing policies, an autoscaling burst. Every step's report files
+(JSON, PNGs, markdown) and the index are written, and the numbers in them are sane."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from load_tests.standard import StandardConfig, run_standard_suite
+
+
+def _png(path: Path) -> None:
+    img = imread(path)
+    assert img.shape[0] >= 300 and img.shape[1] >= 400 and img[..., :3].std() > 0.05, path
+
+
+def _run(step_dir: Path, name: str = "run.json") -> dict:
+    return json.loads((step_dir / name).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_suite_writes_sane_reports(smollm2_dir, tmp_path):
+    c = StandardConfig.quick()
+    results = run_standard_suite(tmp_path, config=c, progress=False)
+    failed = {k: r.get("traceback") for k, r in results.items() if not r["ok"]}
+    assert not failed, failed
+    index = json.loads((tmp_path / "suite.json").read_text())
+    assert list(index["steps"]) == ["serving_vs_transformers", "latency_throughput", "routing_policies", "autoscaling"]
+    md = (tmp_path / "suite.md").read_text()
+    for name, r in results.items():
+        assert f"| {name} | ok: {r['headline']} |" in md
+        assert Path(r["report"]).with_suffix(".md").exists()
+
+    # serving: every request answered by both servers, tok/s and the ratio from the same run
+    s = results["serving_vs_transformers"]
+    assert set(s["output_tok_per_s"]) == {"transformers serve", "llm-cluster"}
+    assert s["ok"] == {"transformers serve": "8/8", "llm-cluster": "8/8"}
+    assert all(n >= c.compare_requests * c.compare_max_tokens // 2 for n in s["output_tokens"].values())
+    assert all(v > 0 for v in s["output_tok_per_s"].values())
+    assert s["ratio_vs_best_transformers"] == pytest.approx(
+        s["output_tok_per_s"]["llm-cluster"] / s["output_tok_per_s"]["transformers serve"])
+    _png(tmp_path / "serving_vs_transformers" / "serving_throughput.png")
+
+    # latency/throughput: all ok, latencies ordered as they must be
+    lt = results["latency_throughput"]
+    assert lt["ok"] == lt["sent"] == c.lt_requests and lt["output_throughput"] > 0
+    summary = _run(tmp_path / "latency_throughput")["run"]["summary"]
+    assert 0 < summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"] and summary["tpot_s"]["p50"] > 0
+    _png(tmp_path / "latency_throughput" / "latency_cdf.png")
+
+    # routing: both policies ran the whole workload over both replicas; hit rates are rates
+    rp = results["routing_policies"]
+    assert set(rp["policies"]) == {"pow2", "prefix"}
+    for r in rp["policies"].values():
+        assert r["ok"] == r["sent"] == c.routing_conversations * c.routing_turns
+        assert 0.0 <= r["hit_rate_client"] <= 1.0 and r["ttft_p50_ms"] > 0
+    assert rp["prefix_vs_pow2"]["prefix_busiest_over_mean_inflight"] >= 1.0
+    _png(tmp_path / "routing_policies" / "policy_hit_rate.png")
+    for policy in ("pow2", "prefix"):
+        assert len(_run(tmp_path / "routing_policies" / policy)["run"]["summary"]["replicas"]) == c.routing_replicas
+
+    # autoscaling: the burst queued work and the policy asked for another replica
+    a = results["autoscaling"]
+    assert a["ok"] == a["sent"] > 0 and a["status_samples"] >= 5
+    assert a["max_queue_depth"] > 0 and a["scale_up_decided_s"] is not None
+    assert a["scale_up_decided_s"] >= c.as_phases[0].duration_s  # not before the burst began
+    assert 1 <= a["peak_replicas"] <= c.as_max_replicas
+    _png(tmp_path / "autoscaling" / "replicas_vs_queue.png")
