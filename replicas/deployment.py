@@ -87,18 +87,22 @@ class LLMReplica:
 
     # ------------------------------------------------------------------ Serve hooks
 
-    def record_routing_stats(self) -> dict:
+    def _queue(self):
+        """(stats, waiting): requests handed to the engine but not yet taken in by its loop count as
+        waiting — in a burst they are the queue the scheduler has not seen yet. One definition for
+        routing and autoscaling."""
         s = self.engine.stats()
+        return s, max(s.num_waiting, self._inflight - s.num_running)
+
+    def record_routing_stats(self) -> dict:
+        s, waiting = self._queue()
         # Coarse values only: Serve re-broadcasts stats whenever they change.
-        return {"waiting": s.num_waiting, "running": s.num_running,
+        return {"waiting": waiting, "running": s.num_running,
                 "pending_prefill_tokens": s.pending_prefill_tokens,
                 "kv_usage": round(s.kv_usage, 2), "epoch": self.epoch}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        s = self.engine.stats()
-        # Requests handed to the engine but not yet taken in by its loop count as waiting: in a burst
-        # they are the queue the scheduler has not seen yet.
-        waiting = max(s.num_waiting, self._inflight - s.num_running)
+        s, waiting = self._queue()
         return {"waiting": float(waiting), "running": float(s.num_running),
                 "pending_prefill_tokens": float(s.pending_prefill_tokens)}
 

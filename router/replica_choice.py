@@ -56,7 +56,7 @@ class RoutingParams(BaseModel):
     model_id: str = Field(description="Served model id: the prefix index namespace and block-hash extra key.")
     block_size: int = Field(16, ge=1)
     redis_url: str | None = None
-    redis_timeout_ms: float = Field(5.0, gt=0)
+    redis_timeout_ms: float = Field(25.0, gt=0)
     redis_breaker_s: float = Field(0.25, gt=0, description="After a failed lookup, route by load this long "
                                    "before asking the index again (a hung Redis then costs one timeout per period).")
     prefix_weight: float = Field(2.0, ge=0, description="Value of one cached token vs one queued token.")

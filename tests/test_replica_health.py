@@ -118,6 +118,8 @@ async def test_streams_not_yet_in_the_scheduler_count_as_waiting(replica):
     assert all(isinstance(v, float) for v in stats.values())
     # However the stuck loop took them in, all three are queued work for the autoscaler.
     assert stats["waiting"] + stats["running"] == 3
+    routing = replica.record_routing_stats()  # and for the request router, by the same definition
+    assert routing["waiting"] + routing["running"] == 3
     for t in tasks:
         t.cancel()
 
