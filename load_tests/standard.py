@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -351,6 +352,8 @@ def run_standard_suite(out_dir: str | Path, *, quick: bool = False, only: list[s
                        config: StandardConfig | None = None, progress: bool = True) -> dict:
     """Run the standard steps into out_dir; returns each step's digest (suite.json holds them too)."""
     c = config or (StandardConfig.quick() if quick else StandardConfig())
+    # Ray's driver logging setup lets httpx log every request at INFO: thousands of lines per step.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     shared = _Shared(c)
     try:
         return run_suite(None, out_dir, [step(c, shared) for step in STEPS], only=only,

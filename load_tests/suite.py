@@ -1,7 +1,12 @@
-"""Standard benchmark suite: an ordered list of named steps, each `fn(base_url, out_dir) -> dict`
-(a JSON-able digest; the step writes its full report into out_dir). `run_suite` runs them one by
-one into out_dir/<step name>/ and writes suite.json and suite.md; a step that raises is recorded
-and the suite goes on.
+"""Benchmark suite runner: an ordered list of named steps, each `fn(base_url, out_dir) -> dict`
+(a JSON-able digest, optionally with a one-line "headline"; the step writes its full report into
+out_dir). `run_suite` runs them one by one into out_dir/<step name>/ under a progress bar and writes
+the index, suite.json and suite.md (headline, wall time and report of each step, the load average);
+a step that raises is recorded and the suite goes on.
+
+`default_steps` below measure a server that is already running (`--url`); the standard suite on
+local clusters, whose steps start their own (`python -m load_tests suite` without --url,
+`llm-cluster bench`), is load_tests.standard.
 
 Adding a step: append `Step("name", fn)`. Steps that need a cluster of their own are built from a
 `launch(policy)` context manager that starts the cluster and yields its base URL (the integration
@@ -170,20 +175,22 @@ def run_suite(base_url: str | None, out_dir: str | Path, steps: list[Step], only
     meta = {**(meta or {}), "load_average_start": _loadavg()}
     results: dict[str, dict] = {}
     durations: dict[str, float] = {}
+    loads: dict[str, str] = {}  # 1-minute load average at the step's start -> end
     bar = tqdm(chosen, desc="suite", unit="step", disable=not progress, file=sys.stderr)
     for s in bar:
         bar.set_postfix_str(s.name)
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), os.getloadavg()[0]
         try:
             results[s.name] = {"ok": True, **s.fn(base_url, out / s.name)}
         except Exception as e:  # noqa: BLE001 - one broken step must not lose the others' results
             results[s.name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         durations[s.name] = round(time.monotonic() - t0, 1)
+        loads[s.name] = f"{load0:.1f} → {os.getloadavg()[0]:.1f}"
     bar.close()
     meta["load_average_end"] = _loadavg()
     (out / "suite.json").write_text(json.dumps({"url": base_url, "meta": meta, "durations_s": durations,
-                                                "steps": results}, indent=1, default=str))
-    (out / "suite.md").write_text(_index_markdown(base_url, out, results, durations, meta))
+                                                "load_average_1min": loads, "steps": results}, indent=1, default=str))
+    (out / "suite.md").write_text(_index_markdown(base_url, out, results, durations, loads, meta))
     return results
 
 
@@ -192,15 +199,15 @@ def _loadavg() -> str:
 
 
 def _index_markdown(base_url: str | None, out: Path, results: dict[str, dict], durations: dict[str, float],
-                    meta: dict) -> str:
+                    loads: dict[str, str], meta: dict) -> str:
     lines = ["# benchmark suite", "", f"target {base_url or 'local clusters started by each step'}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + ([""] if meta else [])
-    lines += ["| step | result | time | report |", "|---|---|---|---|"]
+    lines += ["| step | result | time | load avg (1 min) | report |", "|---|---|---|---|---|"]
     for name, r in results.items():
         result = ("ok" + (f": {r['headline']}" if r.get("headline") else "")) if r["ok"] else r["error"]
         report = ""
         if r.get("report"):
             rel = Path(r["report"]).relative_to(out)
             report = f"[{rel.with_suffix('.md')}]({rel.with_suffix('.md')}) · {rel}"
-        lines.append(f"| {name} | {result} | {durations[name]:.0f} s | {report} |")
+        lines.append(f"| {name} | {result} | {durations[name]:.0f} s | {loads[name]} | {report} |")
     return "\n".join(lines) + "\n"

@@ -103,7 +103,7 @@ def test_suite_index_has_headlines_times_links_and_load_average(tmp_path):
                         progress=False)
     assert results["a"]["ok"] and not results["b"]["ok"]
     index = json.loads((tmp_path / "suite.json").read_text())
-    assert index["url"] is None and set(index["durations_s"]) == {"a", "b"}
+    assert index["url"] is None and set(index["durations_s"]) == set(index["load_average_1min"]) == {"a", "b"}
     assert index["meta"]["machine"] == "test box"
     assert "1 / 5 / 15 min" in index["meta"]["load_average_start"] and index["meta"]["load_average_end"]
     md = (tmp_path / "suite.md").read_text()
