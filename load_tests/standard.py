@@ -86,8 +86,8 @@ class StandardConfig(BaseModel):
             compare_requests=8, compare_concurrency=8, transformers_cb=False, lt_requests=8, lt_concurrency=4,
             lt_input=LengthDist(median=48, sigma=0.5, min=8, max=128), lt_output=LengthDist(median=16, min=4, max=32),
             routing_policies=["pow2", "prefix"], routing_replicas=2, routing_conversations=4, routing_turns=2,
-            as_max_replicas=2, as_phases=_burst(0.5, 15.0, before_s=3, burst_s=5, after_s=5), as_requests=120,
-            as_output=LengthDist(median=24, min=8, max=32), run_deadline_s=150), **kw})
+            as_max_replicas=2, as_phases=_burst(0.5, 30.0, before_s=3, burst_s=5, after_s=5), as_requests=200,
+            as_output=LengthDist(median=32, sigma=0.3, min=8, max=64), run_deadline_s=150), **kw})
 
 
 def _free_port() -> int:

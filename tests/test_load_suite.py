@@ -58,7 +58,8 @@ def test_quick_suite_writes_sane_reports(smollm2_dir, tmp_path):
     for r in rp["policies"].values():
         assert r["ok"] == r["sent"] == c.routing_conversations * c.routing_turns
         assert 0.0 <= r["hit_rate_client"] <= 1.0 and r["ttft_p50_ms"] > 0
-    assert rp["prefix_vs_pow2"]["prefix_busiest_over_mean_inflight"] >= 1.0
+        assert r["prompt_share_max_over_mean"] >= 1.0  # busiest replica's prompt tokens / mean
+    assert rp["prefix_vs_pow2"]["targets"]["hit_rate_ratio"] == ">= 3"
     _png(tmp_path / "routing_policies" / "policy_hit_rate.png")
     for policy in ("pow2", "prefix"):
         assert len(_run(tmp_path / "routing_policies" / policy)["run"]["summary"]["replicas"]) == c.routing_replicas
