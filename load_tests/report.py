@@ -230,7 +230,8 @@ def plot_servers(summaries: dict[str, Summary], path: Path) -> str:
     base = tok[0] or None
     axes[0].bar_label(bars, labels=[f"{v:.1f}" + (f"\n{v / base:.2f}×" if base and i else "")
                                     for i, v in enumerate(tok)], fontsize=8)
-    axes[0].set_title("output tokens / s")
+    axes[0].set_title(f"output tokens / s (×: multiple of {names[0]})" if len(names) > 1 else "output tokens / s",
+                      fontsize=9 if len(names) > 1 else None)
     axes[0].set_ylim(0, max(tok + [1.0]) * 1.3)
     for ax, key, label in ((axes[1], "ttft_s", "TTFT (ms)"), (axes[2], "tpot_s", "TPOT (ms)")):
         for j, q in enumerate(("p50", "p99")):
