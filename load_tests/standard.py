@@ -189,7 +189,8 @@ def serving_vs_transformers(c: StandardConfig, shared: _Shared) -> Step:
         notes = (f"Workload: {result['workload']}; same requests to every server, one after the other.\n\n"
                  f"**{OURS}: {ours:.1f} output tok/s; {best}: {theirs:.1f}; ratio "
                  f"{'–' if ratio is None else f'{ratio:.2f}×'}** (DESIGN target ≥ 3×).\n")
-        files = write_comparison_report(runs, out, title="serving: llm-cluster vs transformers serve (SmolLM2-135M, CPU)",
+        files = write_comparison_report(runs, out,
+                                        title="serving: llm-cluster vs transformers serve (SmolLM2-135M, CPU)",
                                         plot=plot_servers, plot_name="serving_throughput", notes=notes,
                                         extra={"comparison": result})
         headline = (f"{OURS} {ours:.1f} tok/s vs {best} {theirs:.1f} tok/s = "

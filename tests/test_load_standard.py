@@ -63,7 +63,8 @@ def test_scaling_timeline_reads_decision_start_peak_and_return():
 
 
 def test_routing_targets_prefix_against_pow2():
-    row = lambda hit, ttft, load: {"hit_rate_client": hit, "ttft_p50_ms": ttft, "inflight_max_over_mean": load}  # noqa: E731
+    def row(hit, ttft, load):
+        return {"hit_rate_client": hit, "ttft_p50_ms": ttft, "inflight_max_over_mean": load}
     t = routing_targets({"pow2": row(0.2, 400.0, 1.1), "prefix": row(0.7, 100.0, 1.6)})
     assert t["hit_rate_ratio"] == pytest.approx(3.5) and t["ttft_p50_speedup"] == pytest.approx(4.0)
     assert t["met"] == {"hit_rate_ratio": True, "ttft_p50_speedup": True, "prefix_busiest_over_mean_inflight": False}
