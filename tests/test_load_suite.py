@@ -4,12 +4,23 @@ cluster, tiny-model replicas under two routing policies, an autoscaling burst. E
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
 
+from load_tests.standard import StandardConfig
+
+# The suite starts and stops its own Ray clusters (ray.shutdown, serve.shutdown): it runs in a child
+# process so it never touches the Ray instance other tests in this session share.
+_RUN_QUICK_SUITE = """
+import json, sys
 from load_tests.standard import StandardConfig, run_standard_suite
+results = run_standard_suite(sys.argv[1], config=StandardConfig.quick(), progress=False)
+json.dump(results, open(sys.argv[2], "w"), default=str)
+"""
 
 
 def _png(path: Path) -> None:
@@ -25,7 +36,11 @@ def _run(step_dir: Path, name: str = "run.json") -> dict:
 @pytest.mark.timeout(900)
 def test_quick_suite_writes_sane_reports(smollm2_dir, tmp_path):
     c = StandardConfig.quick()
-    results = run_standard_suite(tmp_path, config=c, progress=False)
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-c", _RUN_QUICK_SUITE, str(tmp_path), str(out)],
+                          capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
     failed = {k: r.get("traceback") for k, r in results.items() if not r["ok"]}
     assert not failed, failed
     index = json.loads((tmp_path / "suite.json").read_text())
