@@ -12,6 +12,7 @@ for good, so it raises `TPFailure`: the engine does not contain it and the repli
 """
 from __future__ import annotations
 
+import abc
 import datetime
 import itertools
 import logging
@@ -145,7 +146,7 @@ class WorkerRank:
 # ---------------------------------------------------------------------------- rank 0
 
 
-class TPWorkers:
+class TPWorkers(abc.ABC):
     """Rank 0's handle on ranks 1..tp-1: starts them (subclasses say how), joins their groups, sends each
     step, health-checks and stops them. Build with `launch(config)`."""
 
@@ -227,24 +228,28 @@ class TPWorkers:
             return False
 
     # Subclasses: how worker ranks run.
+    @abc.abstractmethod
     def _host(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _start(self, host: str, port: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _wait_ready(self, timeout_s: float) -> None:
-        raise NotImplementedError
+        ...
 
     def _startup_errors(self) -> str:
         return ""
 
+    @abc.abstractmethod
     def _ping(self, timeout_s: float) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _reap(self, wait_s: float) -> None:
         """Wait up to wait_s for the workers to end (after the stop message), then kill the rest."""
-        raise NotImplementedError
 
 
 class DriverRunner(ModelRunner):
