@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from cluster.config import ConfigError, load_config
 
@@ -70,11 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(suite_args: list[str]) -> int:
-    # The tiny-model steps build their model with tests/tiny_model.py, which only a source checkout has;
-    # `python -m` puts the checkout on sys.path, a console script does not.
-    root = Path(__file__).resolve().parents[1]
-    if (root / "tests" / "tiny_model.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     from load_tests.__main__ import main as load_tests_main
     return load_tests_main(["suite", *suite_args])
 

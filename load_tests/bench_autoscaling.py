@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from tests.fixtures.ray_cluster import free_port
-    from tests.tiny_model import build_tiny_model
+    from load_tests.tiny_model import build_tiny_model
 
     policy_us = measure_policy_call()
     print(f"policy call, 64 replicas: {policy_us:.0f} us", flush=True)

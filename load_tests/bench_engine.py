@@ -48,7 +48,7 @@ def build_model_dir(args, workdir: Path) -> Path:
     if args.shape:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from tests.tiny_model import build_tokenizer
+        from load_tests.tiny_model import build_tokenizer
         out = workdir / args.shape
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         torch.manual_seed(0)
@@ -60,7 +60,7 @@ def build_model_dir(args, workdir: Path) -> Path:
         gc.collect()
         return out
     if args.model == "tiny":
-        from tests.tiny_model import build_tiny_model
+        from load_tests.tiny_model import build_tiny_model
         return build_tiny_model(workdir / "tiny", hidden=args.tiny_hidden, layers=args.tiny_layers,
                                 num_heads=args.tiny_hidden // 16, num_kv_heads=args.tiny_hidden // 32)
     if args.model == "smollm2":

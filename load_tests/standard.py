@@ -138,7 +138,7 @@ class _Shared:
 
     def tiny_model(self) -> str:
         if self._tiny is None:
-            from tests.tiny_model import build_tiny_model
+            from load_tests.tiny_model import build_tiny_model
             self._tiny = str(build_tiny_model(Path(self._scratch.name) / "tiny"))
         return self._tiny
 

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from tests.tiny_model import build_tiny_model
+    from load_tests.tiny_model import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
@@ -26,7 +26,7 @@ def tiny_model_factory(tmp_path_factory):
     def make(**kwargs):
         key = tuple(sorted(kwargs.items()))
         if key not in cache:
-            from tests.tiny_model import build_tiny_model
+            from load_tests.tiny_model import build_tiny_model
             cache[key] = build_tiny_model(tmp_path_factory.mktemp("tiny"), **kwargs)
         return cache[key]
     return make

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
-from tests.tiny_model import build_tokenizer
+from load_tests.tiny_model import build_tokenizer
 
 TEXT = "Hello wörld! naïve café 東京 Привет мир 🙂🚀 emoji, \"quotes\" and  two  spaces.\n\tdone 🙂"
 

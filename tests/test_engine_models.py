@@ -63,7 +63,7 @@ def test_missing_checkpoint_tensor_is_an_error(tiny_model_dir, tmp_path):
 def test_mistral_parity(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from tests.tiny_model import build_tokenizer
+    from load_tests.tiny_model import build_tokenizer
     tok = build_tokenizer()
     cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,

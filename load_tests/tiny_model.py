@@ -1,0 +1,83 @@
+"""A tiny random-weight Llama (and Qwen-style variants) with a small byte-level BPE tokenizer,
+built in seconds, saved with save_pretrained: the model most tests and the CPU benchmark run on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "What is the capital of France? The capital of France is Paris.",
+    "Ray Serve routes requests to replicas; a paged KV cache stores keys and values in blocks.",
+    "Ünïcödé test: naïve café, 東京, Привет мир, emoji 🙂🚀 and more text to learn merges from.",
+    "def hello(name):\n    return f'hello {name}'\n",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+]
+SPECIAL_TOKENS = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", num_heads: int = 4,
+                     num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
+                     vocab_size: int = 512, seed: int = 0, max_positions: int = 4096,
+                     tie_word_embeddings: bool = False) -> Path:
+    """Write a random-weight model + tokenizer to out_dir (safetensors) and return the path.
+
+    arch: "llama" (Llama/SmolLM2/Mistral layout), "qwen2" (qkv bias) or "qwen3" (q/k norm).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=tie_word_embeddings)
+    if arch == "llama":
+        from transformers import LlamaConfig
+        cfg = LlamaConfig(**common, head_dim=hidden // num_heads)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config
+        cfg = Qwen2Config(**common)
+    elif arch == "qwen3":
+        from transformers import Qwen3Config
+        cfg = Qwen3Config(**common, head_dim=hidden // num_heads)
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init is tiny (std 0.02): logits come out nearly flat and greedy ties appear. Wider
+    # weights give confident, well-separated logits so token-for-token parity is meaningful.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 * 2.0)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
