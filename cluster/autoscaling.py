@@ -59,7 +59,7 @@ class QueueDepthPolicy:
         self.name = name
         # A cluster.metrics.MetricsRecorder (tests pass one); None: created on first use, False: unavailable.
         self._metrics = metrics
-        self._recorded: tuple[str, int, int] | None = None
+        self._recorded: tuple[str, str, int, int] | None = None
 
     # ------------------------------------------------------------------ signal
 
@@ -88,7 +88,7 @@ class QueueDepthPolicy:
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         decision, state = self._decide(ctx)
-        self._record(ctx.deployment_name or self.name, decision, ctx.current_num_replicas)
+        self._record(ctx.app_name or "", ctx.deployment_name or self.name, decision, ctx.current_num_replicas)
         return decision, state
 
     def _decide(self, ctx) -> tuple[int, dict[str, Any]]:
@@ -126,16 +126,17 @@ class QueueDepthPolicy:
 
     # ------------------------------------------------------------------ metrics
 
-    def _record(self, deployment: str, desired: int, actual: int) -> None:
-        key = (deployment, desired, actual)
+    def _record(self, application: str, deployment: str, desired: int, actual: int) -> None:
+        key = (application, deployment, desired, actual)
         if key == self._recorded:  # the common case, 10 times a second: nothing to do
             return
         self._recorded = key
         if self._metrics is None:
             self._metrics = _recorder()
         if self._metrics:
-            self._metrics.set("llmc_autoscaling_desired_replicas", desired, deployment=deployment)
-            self._metrics.set("llmc_autoscaling_actual_replicas", actual, deployment=deployment)
+            labels = {"application": application, "deployment": deployment}
+            self._metrics.set("llmc_autoscaling_desired_replicas", desired, **labels)
+            self._metrics.set("llmc_autoscaling_actual_replicas", actual, **labels)
 
 
 def _recorder():

@@ -118,9 +118,9 @@ _SPECS = (
                ("model", "replica"), recorded_by="replica"),
     # ---- autoscaling, recorded by the policy in the Serve controller
     MetricSpec("llmc_autoscaling_desired_replicas", "gauge", "Replica count the autoscaling policy asks for.",
-               ("deployment",), recorded_by="autoscaler"),
+               ("application", "deployment"), recorded_by="autoscaler"),
     MetricSpec("llmc_autoscaling_actual_replicas", "gauge", "Replica count running when the policy decided.",
-               ("deployment",), recorded_by="autoscaler"),
+               ("application", "deployment"), recorded_by="autoscaler"),
 )
 
 CATALOGUE: dict[str, MetricSpec] = {s.name: s for s in _SPECS}

@@ -164,7 +164,7 @@ def test_autoscaling_policy_records_desired_and_actual_only_on_change():
     reg = CollectorRegistry()
     rec = CountingRecorder(reg)
     p = policy(metrics=rec)
-    v = lambda name: reg.get_sample_value(name, {"deployment": "LLMReplica"})  # noqa: E731
+    v = lambda name: reg.get_sample_value(name, {"application": "llm-cluster", "deployment": "LLMReplica"})  # noqa: E731
     n, s = p(ctx([q(waiting=12)], 1, now=100.0))                    # 12 waiting -> 3 (no upscale delay)
     assert n == 3
     assert v("llmc_autoscaling_desired_replicas") == 3 and v("llmc_autoscaling_actual_replicas") == 1
@@ -175,6 +175,21 @@ def test_autoscaling_policy_records_desired_and_actual_only_on_change():
     p(ctx([q(waiting=4), q(waiting=4), q(waiting=4)], 3, now=102.0))  # the new replicas run: actual changes
     assert v("llmc_autoscaling_actual_replicas") == 3 and v("llmc_autoscaling_desired_replicas") == 3
     assert rec.sets == 4
+
+
+def test_autoscaling_gauges_keep_two_applications_apart():
+    """Two apps in one Serve controller (e.g. two models) each get their own series."""
+    reg = CollectorRegistry()
+    rec = CountingRecorder(reg)
+    a, b = policy(metrics=rec), policy(metrics=rec)
+    a(ctx([q(waiting=12)], 1, now=100.0))                                   # app llm-cluster wants 3
+    other = ctx([q(waiting=0)], 2, now=100.0)
+    other.app_name = "other-model"
+    b(other)                                                                # the other app stays at 2
+    labels = lambda app: {"application": app, "deployment": "LLMReplica"}  # noqa: E731
+    assert reg.get_sample_value("llmc_autoscaling_desired_replicas", labels("llm-cluster")) == 3
+    assert reg.get_sample_value("llmc_autoscaling_desired_replicas", labels("other-model")) == 2
+    assert reg.get_sample_value("llmc_autoscaling_actual_replicas", labels("other-model")) == 1
 
 
 # ---------------------------------------------------------------- x-replica-id
