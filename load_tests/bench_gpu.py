@@ -271,7 +271,7 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
                          "x_floor": round(ms / res["floor_ms_per_token"], 3)}
         graphs = runner.graphs
         if graphs is not None and args.tp_size == 1:  # device time of the bs-1 graph alone
-            res["decode"]["graph_replay_ms"] = round(_replay_ms(graphs.graphs[1]), 3)
+            res["decode"]["graph_replay_ms"] = round(_replay_ms(graphs.decode[1].graph), 3)
         log("decode", res["decode"])
         save()
 
@@ -310,8 +310,8 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
                            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                            "steps_detail": _step_summary(steps)}
         if runner.graphs is not None and args.tp_size == 1:
-            big = runner.graphs.buckets[-1]
-            res["workload"][f"graph_replay_bs{big}_ms"] = round(_replay_ms(runner.graphs.graphs[big]), 3)
+            big = max(runner.graphs.decode)
+            res["workload"][f"graph_replay_bs{big}_ms"] = round(_replay_ms(runner.graphs.decode[big].graph), 3)
         log("workload", json.dumps(res["workload"]))
         save()
 

@@ -109,7 +109,7 @@ def hf_llama(tiny_model_dir):
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
 def test_gpu_engine_greedy_equals_transformers(tiny_model_dir, hf_llama, enforce_eager):
     """fp32 on GPU (no tf32): staggered arrivals give decode batches of odd sizes (padded graph buckets),
-    mixed prefill+decode steps, prefix-cache hits and chunked prefill."""
+    mixed prefill+decode steps (padded mixed-step graphs), prefix-cache hits and chunked prefill."""
     engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", block_size=16, num_kv_blocks=64,
                          max_num_seqs=24, max_num_batched_tokens=48, enforce_eager=enforce_eager)
     prefix = random_prompts(1, engine.vocab_size, 40, 40, seed=5)[0]
@@ -125,4 +125,5 @@ def test_gpu_engine_greedy_equals_transformers(tiny_model_dir, hf_llama, enforce
     if enforce_eager:
         assert engine.runner.graphs is None
     else:
-        assert engine.runner.graphs.replays > 0
+        # Decode steps and the small mixed steps (all <= 48 tokens here) both replayed graphs.
+        assert engine.runner.graphs.replays["decode"] > 0 and engine.runner.graphs.replays["mixed"] > 0

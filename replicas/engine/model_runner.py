@@ -3,6 +3,7 @@ a scheduled batch into one forward pass returning logits for the sequences that 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import torch.distributed as dist
 
 from replicas.engine.attention import AttentionMetadata
 from replicas.engine.config import EngineConfig
-from replicas.engine.cuda_graphs import DecodeGraphs
+from replicas.engine.cuda_graphs import StepGraphs
 from replicas.engine.models import CausalLM, ModelArgs, TPInfo
 from replicas.engine.paged_metadata import build_step_tensors
 from replicas.engine.sequence import Sequence
 from replicas.engine.weights import load_weights
 
+# LLMC_MIXED_GRAPHS=0: small mixed/prefill steps run eagerly (A/B timing); decode steps keep their graphs.
+_MIXED_GRAPHS = os.environ.get("LLMC_MIXED_GRAPHS", "1") != "0"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,11 +71,12 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_len = config.max_model_len or args.max_position_embeddings
-            self.graphs = DecodeGraphs(self.model, max_batch=config.max_num_seqs,
-                                       max_blocks_per_seq=-(-max_len // self.block_size), block_size=self.block_size,
-                                       pad_slot=self.num_kv_blocks * self.block_size,
-                                       heads_per_kv=self.heads_per_kv, num_kv_heads=attn.num_kv_heads,
-                                       device=self.device)
+            self.graphs = StepGraphs(self.model, max_batch=config.max_num_seqs,
+                                     max_tokens=config.max_num_batched_tokens,
+                                     max_blocks_per_seq=-(-max_len // self.block_size), block_size=self.block_size,
+                                     pad_slot=self.num_kv_blocks * self.block_size,
+                                     heads_per_kv=self.heads_per_kv, num_kv_heads=attn.num_kv_heads,
+                                     device=self.device, mixed=_MIXED_GRAPHS)
 
     def _allocate_kv_cache(self, args: ModelArgs, tp: TPInfo) -> int:
         attn = self.model.model.layers[0].self_attn
@@ -127,10 +131,12 @@ class ModelRunner:
 
     def execute(self, step: StepInputs) -> torch.Tensor | None:
         """The forward pass of one step (on every TP rank); logits of `step.sample_rows`, None if none."""
-        if self.graphs is not None and len(step.token_ids) == len(step.starts) == len(step.sample_rows):
-            logits = self.graphs.run(step.token_ids, step.starts, step.block_tables)  # decode-only step
-            if logits is not None:
-                return logits
+        bucket = None if self.graphs is None else self.graphs.bucket_for(
+            step.token_ids, step.starts, step.block_tables, len(step.sample_rows))
+        if bucket is not None:
+            logits = self.graphs.replay(bucket, step.token_ids, step.starts, step.lengths, step.block_tables,
+                                        step.sample_rows)
+            return logits if step.sample_rows else None
         input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             pos, slots, paged = build_step_tensors(step.block_tables, step.starts, step.lengths, self.block_size,

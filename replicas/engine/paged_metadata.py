@@ -45,28 +45,49 @@ def query_heads_per_program(heads_per_kv: int, num_tokens: int, max_query_len: i
     return block_m, block_m // heads_per_kv
 
 
+@dataclass
+class StepLists:
+    """One step's kernel inputs as host lists (see `step_lists`)."""
+    positions: list[int]  # [T] absolute position of every packed token
+    slots: list[int]  # [T] its cache slot
+    seq_lens: list[int]  # [B]
+    query_start: list[int]  # [B+1]
+    qblock_seq: list[int]  # [G]
+    qblock_first: list[int]  # [G]
+
+
+def step_lists(block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
+               block_q: int) -> StepLists:
+    """The eager path packs these into tensors (`build_step_tensors`); CUDA graphs copy them into their
+    padded persistent buffers (`replicas.engine.cuda_graphs`)."""
+    out = StepLists([], [], [], [0], [], [])
+    for i, (bt, start, n) in enumerate(zip(block_tables, starts, lengths)):
+        end = start + n
+        out.positions.extend(range(start, end))
+        pos = start
+        while pos < end:  # slots block by block
+            b, off = divmod(pos, block_size)
+            upto = min(end, (b + 1) * block_size)
+            base = bt[b] * block_size
+            out.slots.extend(range(base + off, base + off + upto - pos))
+            pos = upto
+        out.seq_lens.append(end)
+        out.query_start.append(out.query_start[-1] + n)
+        for first in range(0, n, block_q):
+            out.qblock_seq.append(i)
+            out.qblock_first.append(first)
+    return out
+
+
 def build_step_tensors(block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
                        heads_per_kv: int, device: torch.device, num_kv_heads: int = 1,
                        num_sms: int = 0) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
     """Positions [T] and slot mapping [T] (int64), and the kernel metadata of one step, moved to `device` in
     two host-to-device copies. `num_sms` > 0 lets programs split their key range (see `choose_splits`)."""
     block_m, block_q = query_heads_per_program(heads_per_kv, sum(lengths), max(lengths))
-    positions, slots, seq_lens, qstart, qseq, qfirst = [], [], [], [0], [], []
-    for i, (bt, start, n) in enumerate(zip(block_tables, starts, lengths)):
-        end = start + n
-        positions.extend(range(start, end))
-        pos = start
-        while pos < end:  # slots block by block
-            b, off = divmod(pos, block_size)
-            upto = min(end, (b + 1) * block_size)
-            base = bt[b] * block_size
-            slots.extend(range(base + off, base + off + upto - pos))
-            pos = upto
-        seq_lens.append(end)
-        qstart.append(qstart[-1] + n)
-        for first in range(0, n, block_q):
-            qseq.append(i)
-            qfirst.append(first)
+    lists = step_lists(block_tables, starts, lengths, block_size, block_q)
+    positions, slots, seq_lens = lists.positions, lists.slots, lists.seq_lens
+    qstart, qseq, qfirst = lists.query_start, lists.qblock_seq, lists.qblock_first
     # Each array starts 16-byte aligned in its packed buffer: Triton specialises kernels on pointer alignment,
     # so unaligned slices would compile a new variant mid-serving.
     t, tp = len(positions), _round_up(len(positions), 2)
