@@ -1,7 +1,13 @@
 """Routing policies side by side on CPU: round_robin, pow2, prefix (ours) and Ray Serve LLM's
-PrefixCacheAffinityRouter, each on a fresh cluster of tiny-model replicas, same multi-turn workload.
+PrefixCacheAffinityRouter, each on a fresh cluster of small random-weight replicas, same multi-turn workload.
 
-    python -m load_tests.bench_routing [--replicas 4] [--conversations 32] [--out /tmp/bench_routing]
+    python -m load_tests.bench_routing [--replicas 6] [--conversations 48] [--out /tmp/bench_routing]
+
+The model (`--model bench`, load_tests.bench_model) is one whose answers round-trip through the chat
+template, as a trained model's do, so a turn can reuse the previous turn's answer too; `--model tiny` is
+the tests' BPE model (hidden 64), whose random answers re-tokenize differently. Each replica's KV pool is
+sized from the workload (`--kv-headroom` times the fleet's share of its working set: every conversation's
+final context), so that the fleet holds the working set only if each conversation stays on one replica.
 
 Per policy: deploy the app (replica caches and the Redis index start empty), run the seeded multi-turn
 shared-prefix workload closed-loop through the HTTP API, and record from the client: prefix hit rate
@@ -36,7 +42,7 @@ def make_config(model_dir: str, redis_url: str, policy: str, args):
     from cluster.config import load_config
     return load_config(overrides={
         "engine.model": model_dir, "engine.device": "cpu", "engine.block_size": args.block_size,
-        "engine.num_kv_blocks": args.kv_blocks, "engine.max_num_seqs": 16,
+        "engine.num_kv_blocks": args.kv_blocks_resolved, "engine.max_num_seqs": 16,
         "replicas.num_replicas": args.replicas, "replicas.num_cpus": 0.5, "redis_url": redis_url,
         "router.policy": "prefix" if policy == "ray_prefix" else policy,
         "router.redis_timeout_ms": args.redis_timeout_ms,
@@ -102,12 +108,37 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 # ---------------------------------------------------------------- one policy
 
+def workload(args):
+    from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, generate
+    return generate(MultiTurnConfig(
+        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=args.sharing_ratio,
+        system_prompt_tokens=args.system_words, max_tokens=args.max_tokens, ignore_eos=True,
+        user_tokens=LengthDist(median=args.user_words, sigma=0.3, min=8, max=4 * args.user_words),
+        arrival=Arrival(concurrency=args.concurrency)))
+
+
+def working_set_blocks(wl, tokenizer, block_size: int) -> int:
+    """KV blocks that hold every conversation's final context (last prompt + its answer) at once,
+    answers counted at max_tokens words (about one token each)."""
+    from load_tests.workloads import PLACEHOLDER_ANSWER
+    last = {}
+    for spec in wl.requests:
+        last[spec.session_id] = spec  # session-major, turns in order
+    total = 0
+    for spec in last.values():
+        answer = " ".join(["the"] * spec.max_tokens)
+        msgs = [{"role": m.role, "content": answer if m.content == PLACEHOLDER_ANSWER else m.content}
+                for m in spec.messages]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        total += -(-(len(tokenizer.encode(ids, add_special_tokens=False)) + spec.max_tokens) // block_size)
+    return total
+
+
 def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int, args) -> dict:
     import redis as redis_lib
     from ray import serve
 
     from load_tests.client import ClientConfig, run_load_sync
-    from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, generate
 
     client = redis_lib.Redis.from_url(redis.url)
     client.flushall()
@@ -126,12 +157,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         stats = await asyncio.to_thread(replica_stats, handle)
         return {rid: s["num_waiting"] + s["num_running"] for rid, s in stats.items()}
 
-    workload = generate(MultiTurnConfig(
-        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=args.sharing_ratio,
-        system_prompt_tokens=args.system_words, max_tokens=args.max_tokens, ignore_eos=True,
-        user_tokens=LengthDist(median=args.user_words, sigma=0.3, min=8, max=4 * args.user_words),
-        arrival=Arrival(concurrency=args.concurrency)))
-    run = run_load_sync(workload, ClientConfig(url=base, temperature=0.0, deadline_s=args.deadline_s,
+    run = run_load_sync(workload(args), ClientConfig(url=base, temperature=0.0, deadline_s=args.deadline_s,
                                                status_interval_s=0.5, progress=False), status=inflight)
     after = replica_stats(handle)
     time.sleep(args.metrics_wait_s)  # one Ray metrics report interval
@@ -202,17 +228,25 @@ def medians(results: list[dict], policies: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--conversations", type=int, default=32)
-    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--model", choices=("bench", "tiny"), default="bench",
+                   help="bench: load_tests.bench_model (answers round-trip, one token per word); tiny: the tests' "
+                   "BPE model (hidden 64, 2 layers, ~4 tokens per word, answers do not round-trip)")
+    p.add_argument("--hidden", type=int, default=256, help="bench model width")
+    p.add_argument("--layers", type=int, default=4, help="bench model depth")
+    p.add_argument("--replicas", type=int, default=6)
+    p.add_argument("--conversations", type=int, default=48)
+    p.add_argument("--turns", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--system-words", type=int, default=64, help="shared system prompt length (~4 tokens/word)")
+    p.add_argument("--system-words", type=int, default=32, help="system prompt length in words")
     p.add_argument("--sharing-ratio", type=float, default=0.75, help="share of conversations on the 4 common "
                    "system prompts (the others have their own)")
-    p.add_argument("--user-words", type=int, default=48, help="median user turn length")
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--user-words", type=int, default=96, help="median user turn length")
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-blocks", type=int, default=768, help="KV cache blocks per replica")
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per replica (default: from "
+                   "--kv-headroom)")
+    p.add_argument("--kv-headroom", type=float, default=1.25, help="fleet KV capacity over the workload's "
+                   "working set (every conversation's final context), split evenly over the replicas")
     # Not the config's 5 ms: on the shared 2-core box (load average 15-50) the router's lookups wait for CPU,
     # and at 5 ms 154 of 160 decisions fell back to load only (docs/benchmarks.md, Routing policies).
     p.add_argument("--redis-timeout-ms", type=float, default=250.0, help="router.redis_timeout_ms for the run")
@@ -229,9 +263,22 @@ def main(argv=None) -> int:
 
     from cluster.redis_server import EmbeddedRedis
     from tests.fixtures.ray_cluster import free_port
-    from tests.tiny_model import build_tiny_model
 
-    model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="llmc-tiny-")))
+    model_dir = tempfile.mkdtemp(prefix="llmc-bench-model-")
+    if args.model == "bench":
+        from load_tests.bench_model import build_bench_model
+        build_bench_model(model_dir, hidden=args.hidden, layers=args.layers)
+    else:
+        from load_tests.tiny_model import build_tiny_model
+        build_tiny_model(model_dir)
+    if args.kv_blocks is None:
+        from transformers import AutoTokenizer
+        ws = working_set_blocks(workload(args), AutoTokenizer.from_pretrained(model_dir), args.block_size)
+        args.working_set_blocks = ws
+        args.kv_blocks_resolved = max(64, -(-int(ws * args.kv_headroom) // args.replicas))
+    else:
+        args.kv_blocks_resolved = args.kv_blocks
+    print(f"KV blocks per replica: {args.kv_blocks_resolved}", flush=True)
     metrics_port = free_port()
     ray.init(address="local", num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False,
              namespace="llmc-bench", runtime_env={"env_vars": ENV}, _metrics_export_port=metrics_port,

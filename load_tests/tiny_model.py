@@ -40,17 +40,21 @@ def build_tokenizer(vocab_size: int = 512):
 def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", num_heads: int = 4,
                      num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
                      vocab_size: int = 512, seed: int = 0, max_positions: int = 4096,
-                     tie_word_embeddings: bool = False) -> Path:
+                     tie_word_embeddings: bool = False, tokenizer=None, silent_tokens: tuple[int, ...] = ()) -> Path:
     """Write a random-weight model + tokenizer to out_dir (safetensors) and return the path.
 
     arch: "llama" (Llama/SmolLM2/Mistral layout), "qwen2" (qkv bias) or "qwen3" (q/k norm).
+    tokenizer: a PreTrainedTokenizerFast to ship instead of the small BPE one (vocab_size is then its size).
+    silent_tokens: ids the model never generates under greedy decoding (their output rows are zero:
+    logit 0 against the max of hundreds of well-separated random logits), as a trained chat model never
+    emits <unk> or <|im_start|> mid-answer.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size) if tokenizer is None else tokenizer
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                   num_hidden_layers=layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
@@ -77,6 +81,10 @@ def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", num_heads: int
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 * 2.0)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
+        if silent_tokens:
+            if tie_word_embeddings:
+                raise ValueError("silent_tokens needs untied embeddings (zero rows would blank their inputs too)")
+            model.get_output_embeddings().weight[list(silent_tokens)] = 0.0
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
