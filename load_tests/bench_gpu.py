@@ -16,9 +16,16 @@ Sections (--sections, comma list):
     python -m load_tests.bench_gpu --out-dir $OUT                               # all sections
     python -m load_tests.bench_gpu --tp-size 2 --sections tokens,decode ...     # tensor parallel
     python -m load_tests.bench_gpu --compare a.json b.json                      # tp 2 vs tp 1 tokens
+    python -m load_tests.bench_gpu --sections teacher,decode --out-dir tp1             # bf16 teacher reference
+    python -m load_tests.bench_gpu --tp-size 2 --sections teacher,decode --teacher-ref tp1/bench_gpu.json ...
 
 `tokens` records our greedy tokens and top-5 logprobs of the parity prompts (no transformers run), for
---compare. Peers (HF generate, transformers continuous batching) run in their own process on the same
+--compare. `teacher` (bf16 tp 2 vs tp 1, decidable despite random weights' near-tied logits): the tp-1 run
+feeds each parity prompt + its own 32 greedy tokens through one prefill with every row's logits kept, and
+transformers fp32 (loaded after our engine is gone) gives the same positions' exact logits, so each position
+gets eps = max over the vocab of |our bf16 logit - fp32 logit| and tp 1's top-1/top-2 margin; the tp-2 run
+(--teacher-ref tp1.json) feeds the same sequences and must take the same argmax wherever the margin exceeds
+4 eps (if both runs stray from exact by <= eps, no other token can overtake), its top-5 logprobs close. Peers (HF generate, transformers continuous batching) run in their own process on the same
 machine in the same run: `load_tests/peer_engines.py`.
 """
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 
 from load_tests.bench_engine import SHAPES, make_prompts
 
-SECTIONS = ("parity", "decode", "ttft", "workload", "profile")
+SECTIONS = ("parity", "decode", "ttft", "workload", "profile")  # also: tokens, teacher (not in the default)
 
 
 def log(*a):
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--parity-prompts", type=int, default=8)
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS} and tokens")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}, tokens, teacher")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--teacher-ref", type=Path, help="teacher section: the tp-1 run's bench_gpu.json to check against")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("BASE_JSON", "OTHER_JSON"),
                     help="compare the `tokens` of two runs (e.g. tp 1 vs tp 2) and exit")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", ".")))
@@ -205,25 +214,35 @@ def main(argv: list[str] | None = None) -> dict:
         refs = {"bf16": hf_reference(model_dir, parity_prompts, 32, torch.bfloat16),
                 "fp32": hf_reference(model_dir, parity_prompts, 32, torch.float32)}
         res["hf_reference_s"] = round(time.perf_counter() - t, 1)
+    teacher: dict = {}
     try:
-        run_ours(model_dir, args, res, sections, parity_prompts, refs, save)
+        run_ours(model_dir, args, res, sections, parity_prompts, refs, save, teacher)
+        if "logits" in teacher:  # tp 1: our engine is gone, so transformers fp32 fits beside nothing
+            gc.collect()
+            torch.cuda.empty_cache()
+            res["teacher"] = teacher_reference(model_dir, teacher)
+            log("teacher", json.dumps(res["teacher"]["summary"]))
     finally:
         save()
     return res
 
 
-def run_ours(model_dir: Path, args, res: dict, sections: set, parity_prompts, refs, save) -> None:
+def run_ours(model_dir: Path, args, res: dict, sections: set, parity_prompts, refs, save, teacher: dict) -> None:
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
     from replicas.protocol import GenerationRequest, SamplingParams
 
     vocab = SHAPES[args.shape]["vocab_size"]
     t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", tp_size=args.tp_size,
-                                    enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens))
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", tp_size=args.tp_size, dtype=args.dtype,
+                                    enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+                                    max_num_batched_tokens=args.max_num_batched_tokens))
     try:
         _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab, GenerationRequest,
                       SamplingParams, load_s=time.perf_counter() - t)
+        if "teacher" in sections:  # last: it writes KV blocks outside the scheduler
+            _teacher_section(engine, args, res, teacher)
+            save()
     finally:
         engine.shutdown()
 
@@ -248,7 +267,7 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
 
     run_requests(engine, [req(p[:64], 8) for p in make_prompts(8, 64, 64, vocab, seed=9)])  # warm up
 
-    if refs is not None or "tokens" in sections:
+    if refs is not None or "tokens" in sections or "teacher" in sections:
         reqs = [req(p, 32, logprobs=5) for p in parity_prompts]
         out, _, _ = run_requests(engine, reqs)
         ours = [{"tokens": out["tokens"][r.request_id], "top": out["top"][r.request_id]} for r in reqs]
@@ -318,6 +337,96 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
     if "profile" in sections:
         _profiles(engine, args, res, req, vocab)
         save()
+
+
+def teacher_logits(engine, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Logits [T-1, V] (fp32, on the GPU) predicting tokens 1..T-1 of each sequence: one prefill step per
+    sequence with every row sampled, through the runner (and every TP rank) as in serving."""
+    from replicas.engine.model_runner import StepInputs
+    from replicas.engine.sequence import Sequence
+    from replicas.protocol import SamplingParams
+    runner, blocks, out = engine.runner, engine.block_manager, []
+    for i, ids in enumerate(seqs):
+        seq = Sequence(f"teacher{i}", 0, ids, SamplingParams(max_tokens=1))
+        assert blocks.allocate(seq, len(ids))
+        step = StepInputs(list(ids), [0], [len(ids)], [seq.block_table], list(range(len(ids) - 1)))
+        with torch.inference_mode():
+            if engine.workers is not None:
+                with engine.workers.step():
+                    engine.workers.channel.send(step)
+                    logits = runner.execute(step)
+            else:
+                logits = runner.execute(step)
+        out.append(logits.float().clone())
+        blocks.free_seq(seq, uncache=True)
+    return out
+
+
+def _teacher_section(engine, args, res: dict, teacher: dict) -> None:
+    if args.teacher_ref is None:  # the reference run: keep our logits for teacher_reference()
+        if args.tp_size != 1:
+            raise SystemExit("teacher: the reference run is tp 1; pass --teacher-ref to a tp>1 run")
+        seqs = [p + t["tokens"] for p, t in zip(make_prompts(args.parity_prompts, 16, 256,
+                                                             SHAPES[args.shape]["vocab_size"], seed=3),
+                                                res["tokens"])]
+        teacher["seqs"] = seqs
+        teacher["logits"] = [x.cpu() for x in teacher_logits(engine, seqs)]
+        return
+    ref = json.loads(args.teacher_ref.read_text())["teacher"]
+    ours = teacher_logits(engine, ref["seqs"])
+    agree = decidable = decidable_agree = 0
+    lp_diff = 0.0
+    for logits, pos in zip(ours, ref["positions"]):
+        lps = logits.log_softmax(-1)
+        am = logits.argmax(-1).tolist()
+        for i, p in enumerate(pos):
+            same = am[i] == p["top5"][0]
+            agree += same
+            if p["margin"] > 4 * p["eps"]:
+                decidable += 1
+                decidable_agree += same
+            lp_diff = max(lp_diff, max(abs(float(lps[i, t]) - lp) for t, lp in zip(p["top5"], p["top5_logprob"])))
+    n = sum(len(pos) for pos in ref["positions"])
+    res["teacher_check"] = {
+        "ref": str(args.teacher_ref), "positions": n, "argmax_equal": agree,
+        "decidable_positions": decidable, "decidable_argmax_equal": decidable_agree,
+        "max_abs_top5_logprob_diff_vs_ref": round(lp_diff, 4),
+        "ref_max_abs_top5_logprob_diff_vs_fp32": ref["summary"]["max_abs_top5_logprob_diff_vs_fp32"],
+        "passed": decidable_agree == decidable}
+    log("teacher check", json.dumps(res["teacher_check"]))
+
+
+def teacher_reference(model_dir: Path, teacher: dict) -> dict:
+    """Per position of the tp-1 teacher run: our top-5 (ids, logprobs), top-1/top-2 logit margin, and eps =
+    max over the vocab of |our logit - transformers fp32 logit| (our bf16 error at that position)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).cuda().eval()
+    positions, eps_all, lp_diff, agree = [], [], 0.0, 0
+    with torch.inference_mode():
+        for ids, ours in zip(teacher["seqs"], teacher["logits"]):
+            ref = model(torch.tensor([ids], device="cuda")).logits[0, :-1].float()
+            ours = ours.cuda()
+            eps = (ours - ref).abs().max(-1).values
+            top = ours.topk(2, -1).values
+            lps, ref_lps = ours.log_softmax(-1), ref.log_softmax(-1)
+            top5 = lps.topk(5, -1)
+            lp_diff = max(lp_diff, float((top5.values - ref_lps.gather(1, top5.indices)).abs().max()))
+            agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+            positions.append([{"top5": i, "top5_logprob": [round(x, 5) for x in v], "margin": round(m, 5),
+                               "eps": round(e, 5)}
+                              for i, v, m, e in zip(top5.indices.tolist(), top5.values.tolist(),
+                                                    (top[:, 0] - top[:, 1]).tolist(), eps.tolist())])
+            eps_all += eps.tolist()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    n = len(eps_all)
+    margins = [p["margin"] for pos in positions for p in pos]
+    decidable = [(p["margin"] > 4 * p["eps"]) for pos in positions for p in pos]
+    summary = {"positions": n, "eps_median": round(statistics.median(eps_all), 4), "eps_max": round(max(eps_all), 4),
+               "margin_median": round(statistics.median(margins), 4), "decidable_positions": sum(decidable),
+               "argmax_equal_fp32": agree, "max_abs_top5_logprob_diff_vs_fp32": round(lp_diff, 4)}
+    return {"seqs": teacher["seqs"], "positions": positions, "summary": summary}
 
 
 def _step_summary(steps: list[tuple[float, int]]) -> dict:

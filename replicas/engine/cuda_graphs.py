@@ -173,7 +173,8 @@ class StepGraphs:
         if t == n == num_sample_rows:
             return self.decode[self._decode_of[n]]
         if t <= self.max_mixed:
-            return self.mixed[self._mixed_of[t]]
+            bucket = self.mixed[self._mixed_of[t]]
+            return bucket if num_sample_rows <= bucket.seqs else None
         return None
 
     def replay(self, bucket: Bucket, token_ids: list[int], starts: list[int], lengths: list[int],
