@@ -70,6 +70,9 @@ class PrefixIndex(Protocol):
     async def sweep(self, model_id: str) -> int:
         """Delete the entries of replicas whose heartbeat expired; returns how many were dropped."""
 
+    async def warm(self) -> None:
+        """Get ready for the first lookup (connect, load scripts); never raises."""
+
     async def close(self) -> None: ...
 
 
@@ -265,6 +268,15 @@ class RedisPrefixIndex:
         async with _timeout(self.write_timeout_s):
             return int(await self._sweep(keys=[p + "reg"], args=[p]))
 
+    async def warm(self) -> None:
+        # The first lookup would otherwise pay connect + EVALSHA (NOSCRIPT) + SCRIPT LOAD + EVALSHA: four
+        # round trips against its few-ms budget, on a router loop that is busiest when a fleet starts.
+        try:
+            async with _timeout(self.write_timeout_s):
+                await self._redis.script_load(_LOOKUP)
+        except Exception as e:  # noqa: BLE001 — the lookup copes (None) if Redis is still away
+            log.debug("prefix index warm-up failed: %r", e)
+
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -339,6 +351,9 @@ class InMemoryPrefixIndex:
             self._sets.pop((m, r, e), None)
             self._beats.pop((m, r, e), None)
         return len(dead)
+
+    async def warm(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass

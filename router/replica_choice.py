@@ -24,6 +24,7 @@ shared by all routers of a process.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import logging
@@ -102,6 +103,8 @@ class ReplicaChooser:
         self._fresh: deque[_Assignment] = deque()
         self._stats_seen: dict[str, Any] = {}
         self.outcomes: collections.Counter = collections.Counter()
+        self._warmed = False
+        self._warming: asyncio.Future | None = None  # held: the loop keeps only weak references to tasks
         self._metrics = metrics if metrics is not None else _recorder()
         _LIVE.add(self)
 
@@ -114,6 +117,8 @@ class ReplicaChooser:
         n = len(replica_ids)
         policy = self.params.policy
         held: dict[str, int] | None = None  # None: no lookup made (policy, call) or the index failed
+        if policy == "prefix" and not self._warmed:
+            self._warm()
         if policy == "round_robin":
             i = next(self._rr) % n
             order = [*range(i, n), *range(i)]
@@ -174,6 +179,14 @@ class ReplicaChooser:
             slow = time.perf_counter() - t0 >= 0.8 * self.params.redis_timeout_ms / 1000
             self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason="timeout" if slow else "error")
         return held
+
+    def _warm(self) -> None:
+        """Open the index on this loop (where its connections live) and warm it in the background, at
+        the first call routed: the ingress asks a replica for model_info before any request arrives."""
+        self._warmed = True
+        index = self._get_index()
+        if index is not None:
+            self._warming = asyncio.ensure_future(index.warm())
 
     def _get_index(self) -> "PrefixIndex | None":
         if self._index is None and self.params.redis_url:

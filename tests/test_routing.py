@@ -167,6 +167,9 @@ class DeadIndex:
         self.lookup_failures += 1
         return None
 
+    async def warm(self):
+        pass
+
 
 async def test_index_unavailable_routes_by_load_and_counts_fallbacks():
     a, b = FakeReplica("a", running=6, pending_prefill_tokens=300), FakeReplica("b", running=1)
@@ -199,6 +202,29 @@ async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redi
     while (await choose(router, [a, b], pending(PROMPT)))[0] != "a":
         assert time.monotonic() < deadline, "prefix routing did not come back after Redis did"
         await asyncio.sleep(0.05)
+    await index.close()
+
+
+async def test_index_warmed_by_the_first_routed_call(redis_server, redis_url):
+    """The ingress's model_info call (routed before any request) warms the index: the first lookup is
+    one EVALSHA, not EVALSHA (NOSCRIPT) + SCRIPT LOAD + EVALSHA on a fresh connection."""
+    import redis
+    index = RedisPrefixIndex(redis_url, timeout_s=1.0)
+    a, b = FakeReplica("a", running=1), FakeReplica("b")
+    await hold(index, a, PROMPT)
+    admin = redis.Redis.from_url(redis_url)
+    admin.script_flush()
+    router = make_router(index=index)
+    info = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(
+        request_id="i", internal_request_id="i", call_method="model_info"))
+    await router.choose_replicas([a, b], info)
+    await asyncio.wait_for(router.chooser._warming, 5)
+    admin.config_resetstat()
+    assert (await choose(router, [a, b], pending(PROMPT)))[0] == "a"
+    stats = admin.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and not stats["cmdstat_evalsha"].get("failed_calls")
+    assert not [k for k in stats if k.startswith("cmdstat_script")]
+    admin.close()
     await index.close()
 
 
