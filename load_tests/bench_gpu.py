@@ -25,7 +25,9 @@ feeds each parity prompt + its own 32 greedy tokens through one prefill with eve
 transformers fp32 (loaded after our engine is gone) gives the same positions' exact logits, so each position
 gets eps = max over the vocab of |our bf16 logit - fp32 logit| and tp 1's top-1/top-2 margin; the tp-2 run
 (--teacher-ref tp1.json) feeds the same sequences and must take the same argmax wherever the margin exceeds
-4 eps (if both runs stray from exact by <= eps, no other token can overtake), its top-5 logprobs close. Peers (HF generate, transformers continuous batching) run in their own process on the same
+4 eps (if both runs stray from exact by <= eps, no other token can overtake), its top-5 logprobs close.
+
+Peers (HF generate, transformers continuous batching) run in their own process on the same
 machine in the same run: `load_tests/peer_engines.py`.
 """
 from __future__ import annotations
@@ -254,6 +256,12 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     res["weights_GB_this_rank"] = round(weight_bytes / 1e9, 3)
     res["kv_blocks"] = runner.num_kv_blocks
+    tp = runner.model.model.layers[0].mlp.down_proj.tp
+    res["tp_all_reduce"] = None if tp.size == 1 else "nccl" if tp.fast_all_reduce is None else "symm_mem one-shot"
+    if runner.graphs is not None:
+        g = runner.graphs
+        res["graph_buckets"] = {"decode": sorted(g.decode), "decode_short": sorted(g.decode_short),
+                                "mixed": sorted(g.mixed)}
     # With tp, each rank reads its shard in parallel: the floor is one shard's bytes over one GPU's bandwidth.
     res["floor_ms_per_token"] = round(weight_bytes / (res["d2d_GBps_rw"] * 1e9) * 1000, 3)
     log(f"engine up in {res['engine_load_s']} s; weights {res['weights_GB_this_rank']} GB (this rank); "
@@ -290,7 +298,8 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
                          "x_floor": round(ms / res["floor_ms_per_token"], 3)}
         graphs = runner.graphs
         if graphs is not None and args.tp_size == 1:  # device time of the bs-1 graph alone
-            res["decode"]["graph_replay_ms"] = round(_replay_ms(graphs.decode[1].graph), 3)
+            # The bs-1 graph this decode replays: the short-context one (no split) while contexts are < 256.
+            res["decode"]["graph_replay_ms"] = round(_replay_ms(graphs.decode_short.get(1, graphs.decode[1]).graph), 3)
         log("decode", res["decode"])
         save()
 

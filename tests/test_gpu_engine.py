@@ -113,8 +113,10 @@ def test_gpu_engine_greedy_equals_transformers(tiny_model_dir, hf_llama, enforce
     engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", block_size=16, num_kv_blocks=64,
                          max_num_seqs=24, max_num_batched_tokens=48, enforce_eager=enforce_eager)
     prefix = random_prompts(1, engine.vocab_size, 40, 40, seed=5)[0]
+    # The 300-token prompt decodes past 256 positions: the small-batch decode graphs with key-range splits.
     prompts = random_prompts(10, engine.vocab_size, 1, 70, seed=6) + \
-        random_prompts(9, engine.vocab_size, 1, 12, seed=7, prefix=prefix)
+        random_prompts(9, engine.vocab_size, 1, 12, seed=7, prefix=prefix) + \
+        random_prompts(1, engine.vocab_size, 300, 300, seed=8)
     arrivals: dict[int, list] = {}
     for i, p in enumerate(prompts):
         arrivals.setdefault(i // 3, []).append(request(i, p, greedy(12)))

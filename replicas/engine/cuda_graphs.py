@@ -2,7 +2,8 @@
 or three small host-to-device copies and one replay instead of ~300 kernel launches from Python.
 
 Two kinds of bucket:
-- decode buckets, by batch size (one token per sequence, every sequence samples);
+- decode buckets, by batch size (one token per sequence, every sequence samples); small batches whose
+  contexts are all short (< SHORT_CONTEXT) have a second graph with fewer key-range splits;
 - mixed buckets, by token count up to `MAX_MIXED_TOKENS`: any small step (a short chunk over a long cached
   prefix, prefill chunks beside decodes), whose host launch overhead would otherwise exceed its GPU time.
 Larger steps (big prefill chunks, GPU-bound anyway) run eagerly.
@@ -27,6 +28,8 @@ from replicas.engine.paged_metadata import (
 # Above this many tokens a step's GPU time dwarfs its launch overhead, and its activations would grow the
 # graphs' memory pool.
 MAX_MIXED_TOKENS = 256
+# Decode contexts up to this many keys (positions) take a second set of small-batch graphs with fewer splits.
+SHORT_CONTEXT = 256  # one split: no partials, no merge kernel
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -126,17 +129,23 @@ class StepGraphs:
         # Rows of padding sequences past the step's are never read (no keys); one extra row for `seqs`.
         self.block_tables = torch.zeros(max_batch + 1, max_blocks_per_seq, dtype=torch.int32, device=device)
 
-        def bucket(decode: bool, tokens: int) -> Bucket:
+        def bucket(decode: bool, tokens: int, max_kv_len: int | None = None) -> Bucket:
             block_m, block_q = query_heads_per_program(heads_per_kv, tokens, 1 if decode else tokens)
             seqs = min(tokens, max_batch)
             blocks = -(-tokens // block_q)  # query blocks if every token belonged to one sequence
-            # Splits for the longest context (unknown at capture), over the programs a step of one long
+            # Splits for the longest context (None: unknown at capture), over the programs a step of one long
             # chunk has; a step of many short sequences leaves splits without keys, which cost little.
+            splits = choose_splits(blocks * num_kv_heads, max_kv_len, num_sms)
             return Bucket(decode=decode, tokens=tokens, seqs=seqs, programs=tokens if decode else blocks + seqs,
-                          block_m=block_m, block_q=block_q, splits=choose_splits(blocks * num_kv_heads, None, num_sms),
-                          block_tables=self.block_tables, pad_slot=pad_slot, device=device)
+                          block_m=block_m, block_q=block_q, splits=splits, block_tables=self.block_tables,
+                          pad_slot=pad_slot, device=device)
 
         self.decode = {b: bucket(True, b) for b in batch_buckets(max_batch)}
+        # Small decode batches over short contexts: no split (one program per KV head reads them all), since
+        # split partials and the merge kernel cost as much as the attention itself there.
+        short = {b: choose_splits(b * num_kv_heads, SHORT_CONTEXT, num_sms) for b in self.decode}
+        self.decode_short = {b: bucket(True, b, SHORT_CONTEXT) for b in self.decode
+                             if short[b] != self.decode[b].meta.paged.num_splits}
         self.mixed = {t: bucket(False, t) for t in mixed_buckets(max_tokens)} if mixed else {}
         self._decode_of = [next((b for b in self.decode if b >= n), None) for n in range(max_batch + 1)]
         self.max_mixed = max(self.mixed, default=0)
@@ -149,6 +158,7 @@ class StepGraphs:
         pool = None
         # Largest first: the smaller graphs reuse its pool memory. Every TP rank captures in the same order.
         for b in [*sorted(self.decode.values(), key=lambda b: -b.tokens),
+                  *sorted(self.decode_short.values(), key=lambda b: -b.tokens),
                   *sorted(self.mixed.values(), key=lambda b: -b.tokens)]:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -171,7 +181,10 @@ class StepGraphs:
         if n > self.max_batch or max(map(len, block_tables)) > self.max_blocks:
             return None
         if t == n == num_sample_rows:
-            return self.decode[self._decode_of[n]]
+            b = self._decode_of[n]
+            if b in self.decode_short and max(starts) < SHORT_CONTEXT:
+                return self.decode_short[b]
+            return self.decode[b]
         if t <= self.max_mixed:
             bucket = self.mixed[self._mixed_of[t]]
             return bucket if num_sample_rows <= bucket.seqs else None

@@ -62,9 +62,16 @@ def join_group(config: EngineConfig, rank: int, store: dist.Store) -> tuple[TPIn
     dist.init_process_group("gloo", store=store, rank=rank, world_size=config.tp_size, timeout=_JOIN_TIMEOUT)
     timeout = datetime.timedelta(seconds=config.tp_timeout_s)
     control = dist.new_group(backend="gloo", timeout=timeout if rank == 0 else _IDLE_TIMEOUT)
-    backend = "nccl" if resolve_device_dtype(config)[0].type == "cuda" else "gloo"
-    device = dist.new_group(backend=backend, timeout=timeout)
-    return TPInfo(rank, config.tp_size, device), control
+    dev, dtype = resolve_device_dtype(config)
+    device = dist.new_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+    fast = None
+    if dev.type == "cuda" and os.environ.get("LLMC_TP_ALLREDUCE", "symm") != "nccl":  # nccl: A/B timing
+        from replicas.engine.allreduce import SymmAllReduce
+        fast = SymmAllReduce.create(device, torch.device("cuda", torch.cuda.current_device()), dtype)
+        everywhere = torch.tensor([fast is not None], dtype=torch.int32)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=control)  # all ranks take the same path
+        fast = fast if int(everywhere) else None
+    return TPInfo(rank, config.tp_size, device, fast), control
 
 
 def _store(config: EngineConfig, host: str, port: int, is_master: bool) -> dist.TCPStore:

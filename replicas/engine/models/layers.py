@@ -24,9 +24,13 @@ class TPInfo:
     rank: int = 0
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup; None with size 1
+    # GPU: one-shot all-reduce for small tensors (`replicas.engine.allreduce`): returns None when x does not fit.
+    fast_all_reduce: Any = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            if self.fast_all_reduce is not None and (y := self.fast_all_reduce(x)) is not None:
+                return y
             dist.all_reduce(x, group=self.group)
         return x
 
