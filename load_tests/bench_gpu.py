@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         res = {"base": str(args.compare[0]), "other": str(args.compare[1]),
-               "tokens": compare_tokens(b["tokens"], a["tokens"]),
+               "tokens": compare_tokens(b["tokens"], a["tokens"]) if "tokens" in a and "tokens" in b else None,
                "decode_ms": [a.get("decode", {}).get("ms_per_token_median"),
                              b.get("decode", {}).get("ms_per_token_median")]}
         if all(res["decode_ms"]):
