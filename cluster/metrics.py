@@ -12,7 +12,7 @@ Who records what (all through `MetricsRecorder`; the helpers below wrap the comm
 |---|---|
 | router ingress (`router/api.py`) via `RequestObserver` | llmc_requests_total, llmc_time_to_first_token_seconds, llmc_inter_token_latency_seconds, llmc_e2e_request_latency_seconds, llmc_prompt_tokens_total, llmc_generation_tokens_total |
 | router ingress (failover loop, admission) | llmc_request_retries_total, llmc_failovers_total, llmc_router_queued_requests, llmc_router_in_flight_requests |
-| request router (`router/routing.py`) | llmc_routing_decisions_total, llmc_router_prefix_query_tokens_total, llmc_router_prefix_hit_tokens_total, llmc_redis_fallbacks_total{component="router"} |
+| request router (`router/routing.py`) | llmc_routing_decisions_total, llmc_router_prefix_query_tokens_total, llmc_router_prefix_hit_tokens_total, llmc_router_index_lookup_seconds, llmc_redis_fallbacks_total{component="router"} |
 | replica (`replicas/metrics.py`: `EngineStatsExporter` fed once a second) | llmc_num_requests_waiting, llmc_num_requests_running, llmc_pending_prefill_tokens, llmc_kv_cache_usage_ratio, llmc_prefix_cache_query_tokens_total, llmc_prefix_cache_hit_tokens_total, llmc_num_preemptions_total |
 | replica KV event publisher (`kvstore/`, its `on_fallback` -> `replicas/metrics.py`) | llmc_redis_fallbacks_total{component="publisher"} |
 | autoscaling policy (`cluster/autoscaling.py`, runs in the Serve controller) | llmc_autoscaling_desired_replicas, llmc_autoscaling_actual_replicas |
@@ -49,6 +49,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                  20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -97,6 +98,10 @@ _SPECS = (
     MetricSpec("llmc_router_prefix_hit_tokens_total", "counter",
                "Prompt tokens the router predicted cached on the replica it chose.",
                ("policy",), recorded_by="request router"),
+    MetricSpec("llmc_router_index_lookup_seconds", "histogram",
+               "Prefix index lookups that answered, as the request router waited for them (its event loop's "
+               "delays included): compare with router.redis_timeout_ms. Failed ones count in llmc_redis_fallbacks_total.",
+               ("model",), _LOOKUP_BUCKETS, "request router"),
     MetricSpec("llmc_redis_fallbacks_total", "counter",
                "Redis operations given up (timeout or error) and worked around: routing by load only, "
                "or KV events dropped.", ("component", "reason"), recorded_by="request router, KV publisher"),

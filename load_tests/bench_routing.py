@@ -152,6 +152,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     decisions_before = ray_metrics(metrics_port)
     fallbacks_before = ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason", 'component="router"')
     before = replica_stats(handle)
+    load_start = os.getloadavg()[0]
 
     async def inflight():
         stats = await asyncio.to_thread(replica_stats, handle)
@@ -184,6 +185,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         "inflight_by_replica": avg_inflight,
         "inflight_max_over_mean": max(avg_inflight.values()) / mean_inflight if mean_inflight else None,
         "router_decisions": decisions, "redis_fallbacks": fallbacks,
+        "load_average_1m": (load_start, os.getloadavg()[0]),  # the workload's start and end
     }
     if args.out:
         out = Path(args.out)
@@ -231,8 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=("bench", "tiny"), default="bench",
                    help="bench: load_tests.bench_model (answers round-trip, one token per word); tiny: the tests' "
                    "BPE model (hidden 64, 2 layers, ~4 tokens per word, answers do not round-trip)")
-    p.add_argument("--hidden", type=int, default=256, help="bench model width")
-    p.add_argument("--layers", type=int, default=4, help="bench model depth")
+    p.add_argument("--hidden", type=int, default=384, help="bench model width (heads of 64)")
+    p.add_argument("--layers", type=int, default=6, help="bench model depth")
     p.add_argument("--replicas", type=int, default=6)
     p.add_argument("--conversations", type=int, default=48)
     p.add_argument("--turns", type=int, default=8)
@@ -240,8 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--system-words", type=int, default=32, help="system prompt length in words")
     p.add_argument("--sharing-ratio", type=float, default=0.75, help="share of conversations on the 4 common "
                    "system prompts (the others have their own)")
-    p.add_argument("--user-words", type=int, default=96, help="median user turn length")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--user-words", type=int, default=128, help="median user turn length")
+    p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per replica (default: from "
                    "--kv-headroom)")
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
     model_dir = tempfile.mkdtemp(prefix="llmc-bench-model-")
     if args.model == "bench":
         from load_tests.bench_model import build_bench_model
-        build_bench_model(model_dir, hidden=args.hidden, layers=args.layers)
+        build_bench_model(model_dir, hidden=args.hidden, layers=args.layers, num_heads=max(1, args.hidden // 64))
     else:
         from load_tests.tiny_model import build_tiny_model
         build_tiny_model(model_dir)
@@ -279,6 +281,7 @@ def main(argv=None) -> int:
     else:
         args.kv_blocks_resolved = args.kv_blocks
     print(f"KV blocks per replica: {args.kv_blocks_resolved}", flush=True)
+    load_start = os.getloadavg()
     metrics_port = free_port()
     ray.init(address="local", num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False,
              namespace="llmc-bench", runtime_env={"env_vars": ENV}, _metrics_export_port=metrics_port,
@@ -297,9 +300,17 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_end": os.getloadavg(), "args": vars(args),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_start": load_start,
+              "load_average_end": os.getloadavg(), "args": vars(args),
               "results": results}
     md = table(results) if args.rounds == 1 else table(medians(results, policies)) + "\n\nEach round:\n\n" + table(results)
+    from load_tests.standard import routing_targets
+    rows = results if args.rounds == 1 else medians(results, policies)
+    targets = routing_targets({r["policy"].split(" ")[0]: r for r in rows})
+    if targets:
+        report["prefix_vs_pow2"] = targets
+        md += ("\n\nprefix vs pow2: hit rate ×{hit_rate_ratio:.2f} (≥ 3), TTFT p50 ×{ttft_p50_speedup:.2f} (≥ 2), "
+               "prefix busiest/mean in-flight {prefix_busiest_over_mean_inflight:.2f} (≤ 1.5)".format(**targets))
     print(md)
     if args.out:
         out = Path(args.out)

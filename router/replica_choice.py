@@ -46,7 +46,7 @@ log = logging.getLogger("ray.serve")
 
 STATS_PERIOD_S = 0.5  # replicas' record_routing_stats period
 METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_total",
-           "llmc_router_prefix_hit_tokens_total", "llmc_redis_fallbacks_total")
+           "llmc_router_prefix_hit_tokens_total", "llmc_router_index_lookup_seconds", "llmc_redis_fallbacks_total")
 
 
 class RoutingParams(BaseModel):
@@ -117,7 +117,7 @@ class ReplicaChooser:
         n = len(replica_ids)
         policy = self.params.policy
         held: dict[str, int] | None = None  # None: no lookup made (policy, call) or the index failed
-        if policy == "prefix" and not self._warmed:
+        if policy == "prefix" and req is None and not self._warmed:
             self._warm()
         if policy == "round_robin":
             i = next(self._rr) % n
@@ -175,14 +175,19 @@ class ReplicaChooser:
             return None
         t0 = time.perf_counter()
         held = await index.lookup(self.params.model_id, hashes, list(replica_ids))
-        if held is None and self._metrics is not None:
-            slow = time.perf_counter() - t0 >= 0.8 * self.params.redis_timeout_ms / 1000
-            self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason="timeout" if slow else "error")
+        if self._metrics is not None:
+            elapsed = time.perf_counter() - t0
+            if held is not None:
+                self._metrics.observe("llmc_router_index_lookup_seconds", elapsed, model=self.params.model_id)
+            else:
+                slow = elapsed >= 0.8 * self.params.redis_timeout_ms / 1000
+                self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason="timeout" if slow else "error")
         return held
 
     def _warm(self) -> None:
-        """Open the index on this loop (where its connections live) and warm it in the background, at
-        the first call routed: the ingress asks a replica for model_info before any request arrives."""
+        """Open the index on this loop (where its connections live) and warm it in the background, at the
+        first call that needs no lookup: the ingress asks a replica for model_info before any request
+        arrives. (Not at a request's own lookup: a warm-up racing it for a connection only slows it.)"""
         self._warmed = True
         index = self._get_index()
         if index is not None:

@@ -94,6 +94,7 @@ async def test_longest_prefix_holder_wins_when_load_is_similar():
     assert metric(router, "llmc_routing_decisions_total", policy="prefix", outcome="cache_hit") == 20
     assert metric(router, "llmc_router_prefix_hit_tokens_total", policy="prefix") == 20 * 24
     assert metric(router, "llmc_router_prefix_query_tokens_total", policy="prefix") == 20 * len(PROMPT)
+    assert metric(router, "llmc_router_index_lookup_seconds_count", model=MODEL) == 20  # answered lookups
 
 
 async def test_much_more_loaded_holder_loses_but_a_little_more_loaded_one_wins():
@@ -179,6 +180,7 @@ async def test_index_unavailable_routes_by_load_and_counts_fallbacks():
         assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
     assert router.chooser.outcomes == {"index_fallback": 5} and router_counters()["index_fallback"] - before == 5
     assert metric(router, "llmc_redis_fallbacks_total", component="router", reason="error") == 5
+    assert metric(router, "llmc_router_index_lookup_seconds_count", model=MODEL) == 0  # only answers are timed
 
 
 async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redis_url):
