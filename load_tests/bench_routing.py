@@ -106,6 +106,21 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
+LOOKUP_BUCKETS = "llmc_router_index_lookup_seconds_bucket"
+
+
+def lookup_latency(after: dict[str, float], before: dict[str, float], timeout_s: float) -> dict | None:
+    """From the router's lookup-latency histogram (cumulative bucket counts by `le`, before and after a run):
+    how many lookups answered, the bucket bounds holding their p50 and p99, and the share within `timeout_s`."""
+    cum = sorted((float(le), n - before.get(le, 0.0)) for le, n in after.items())
+    if not cum or cum[-1][1] <= 0:
+        return None
+    total = cum[-1][1]
+    bound = lambda q: next(le for le, n in cum if n >= q * total)  # noqa: E731
+    within = max((n for le, n in cum if le <= timeout_s), default=0.0)
+    return {"answered": total, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "within_timeout_share": within / total}
+
+
 # ---------------------------------------------------------------- one policy
 
 def workload(args):
@@ -151,6 +166,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     print(f"[{policy}] cluster ready in {time.monotonic() - t0:.0f}s", flush=True)
     decisions_before = ray_metrics(metrics_port)
     fallbacks_before = ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason", 'component="router"')
+    lookups_before = ray_metrics(metrics_port, LOOKUP_BUCKETS, "le")
     before = replica_stats(handle)
     load_start = os.getloadavg()[0]
 
@@ -164,6 +180,8 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     time.sleep(args.metrics_wait_s)  # one Ray metrics report interval
     decisions = _delta(ray_metrics(metrics_port), decisions_before)
     fallbacks = _delta(ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason", 'component="router"'), fallbacks_before)
+    lookups = lookup_latency(ray_metrics(metrics_port, LOOKUP_BUCKETS, "le"), lookups_before,
+                             args.redis_timeout_ms / 1000)
     serve.delete(APP)
 
     s = run.summary
@@ -184,7 +202,7 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         "prompt_share_max_over_mean": max(prompt.values()) / mean_share if mean_share else None,
         "inflight_by_replica": avg_inflight,
         "inflight_max_over_mean": max(avg_inflight.values()) / mean_inflight if mean_inflight else None,
-        "router_decisions": decisions, "redis_fallbacks": fallbacks,
+        "router_decisions": decisions, "redis_fallbacks": fallbacks, "index_lookups": lookups,
         "load_average_1m": (load_start, os.getloadavg()[0]),  # the workload's start and end
     }
     if args.out:

@@ -39,3 +39,11 @@ def test_ray_metrics_parser_sums_label_sets(monkeypatch):
     assert bench_routing.ray_metrics(1) == {"cache_hit": 10.0, "index_fallback": 2.0}
     assert bench_routing.ray_metrics(1, "llmc_redis_fallbacks_total", "reason", 'component="router"') == \
         {"timeout": 4.0}
+
+
+def test_lookup_latency_from_histogram_buckets():
+    before = {"0.001": 2.0, "0.025": 3.0, "0.25": 3.0, "+Inf": 3.0}
+    after = {"0.001": 42.0, "0.025": 93.0, "0.25": 102.0, "+Inf": 103.0}  # this run: 40, 50, 9, 1 per bucket
+    got = bench_routing.lookup_latency(after, before, timeout_s=0.025)
+    assert got == {"answered": 100.0, "p50_le_s": 0.025, "p99_le_s": 0.25, "within_timeout_share": 0.9}
+    assert bench_routing.lookup_latency(before, before, 0.025) is None  # no lookups (pow2, round_robin)
