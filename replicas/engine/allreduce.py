@@ -4,7 +4,9 @@ them and adds (one kernel, a barrier on each side, capturable in CUDA graphs). F
 decode or small step (a few KB to a few MB) this takes a few microseconds where NCCL's ring takes ~13 us, and
 a tensor-parallel decode step runs ~65 of them. Larger tensors go to NCCL.
 
-NVLink multicast is never used (no multimem operations): it is off on the machines this runs on.
+NVLink multicast is never used (no multimem operations): it is off on the machines this runs on. Each rank
+must address its own GPU by a distinct device index (local worker processes see every GPU and pick theirs);
+ranks that each see one GPU as cuda:0 (Ray actors) cannot rendezvous and use NCCL.
 """
 from __future__ import annotations
 
@@ -22,8 +24,6 @@ class SymmAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype):
         import torch.distributed._symmetric_memory as symm_mem
         self.group_name = group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before rendezvous in older torch
-            symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buf = symm_mem.empty(MAX_BYTES // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buf, self.group_name)  # collective: every rank of the group
         self._copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")

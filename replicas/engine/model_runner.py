@@ -58,7 +58,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device, self.dtype = resolve_device_dtype(config)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device.index or 0)
+            if self.device.index is None:  # this process's current GPU (a TP worker rank picks its own)
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
         with _default_dtype(self.dtype), torch.device(self.device):
             self.model = CausalLM(args, tp).eval()
         load_weights(self.model, Path(config.model))

@@ -147,7 +147,7 @@ class WorkerRank:
         with torch.inference_mode():
             while (step := self.channel.recv()) is not None:
                 self.runner.execute(step)
-        dist.destroy_process_group()  # while rank 0 leaves too
+        _leave_groups(self.runner.config.tp_timeout_s)  # while rank 0 leaves too
 
 
 # ---------------------------------------------------------------------------- rank 0
@@ -326,10 +326,18 @@ class ProcessWorkers(TPWorkers):
 
 
 def _leave_groups(timeout_s: float) -> None:
-    """destroy_process_group, bounded: NCCL's teardown may wait for peers (every rank leaves at once after
-    the stop message), and must not hang this process when they are gone."""
+    """Leave every group. With CUDA (NCCL), abort the communicators: a graceful destroy waited forever on
+    work that CUDA-graph capture left behind (a tp-2 run with graphs hung at exit, then aborted). Otherwise
+    destroy_process_group, bounded: teardown may wait for peers (every rank leaves at once after the stop
+    message), and must not hang this process when they are gone."""
     if not dist.is_initialized():
         return
+    if torch.cuda.is_initialized():
+        try:
+            dist.distributed_c10d._abort_process_group()
+            return
+        except Exception:  # noqa: BLE001 - fall back to the bounded destroy
+            log.warning("aborting the tensor-parallel process groups failed", exc_info=True)
     t = threading.Thread(target=dist.destroy_process_group, name="tp-leave-groups", daemon=True)
     t.start()
     t.join(timeout_s)
@@ -345,9 +353,9 @@ def _visible_gpus() -> list[str]:
 
 
 def _process_main(config_json: str, rank: int, host: str, port: int, gpu: str | None, ready) -> None:
-    if gpu is not None:  # before CUDA initialises in this process: "cuda" is then this rank's GPU
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
+        if gpu is not None:  # "cuda" is then this rank's GPU; every GPU stays visible, each rank at its own
+            torch.cuda.set_device(rank)  # index (symmetric memory needs distinct device indices)
         worker = WorkerRank(EngineConfig.model_validate_json(config_json), rank, host, port)
     except BaseException as e:
         ready.put(f"rank {rank}: {type(e).__name__}: {e}")
