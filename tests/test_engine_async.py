@@ -10,8 +10,8 @@ import pytest
 
 from replicas.engine.async_engine import AsyncLLMEngine, EngineShutdown
 from replicas.engine.config import EngineConfig
-from replicas.protocol import EngineError
-from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, tokens_of
+from replicas.protocol import EngineError, SamplingParams
+from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, text_of, tokens_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,6 +44,48 @@ async def test_concurrent_streams_match_sync_engine(tiny_model_dir, aengine):
         assert tokens_of(chunks) == tokens_of(expected[r.request_id])
         assert chunks[-1].usage is not None and chunks[-1].finish_reason == "length"
     assert aengine.engine.stats().steps < 6 * 8  # they were batched, not run one after another
+
+
+async def _lagging(engine, req, lag_s=0.3):
+    """Collect a stream whose consumer blocks its event loop after the first chunk: chunks pile up."""
+    chunks = []
+    async for c in engine.generate(req):
+        if not chunks:
+            await asyncio.to_thread(_until_steps, engine, 6)
+            time.sleep(lag_s)  # the loop is blocked: the engine's deliveries queue up meanwhile
+        chunks.append(c)
+    return chunks
+
+
+def _until_steps(engine, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    start = engine.stats().steps
+    while engine.stats().steps < start + n:
+        assert time.monotonic() < deadline, "engine did not step"
+        time.sleep(0.005)
+
+
+async def test_lagging_consumer_gets_coalesced_chunks(tiny_model_dir, aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 12, 12, seed=29)[0]
+    req = request("lag", prompt, greedy(24, logprobs=2))
+    chunks = await _lagging(aengine, req)
+    want = run_all(make_engine(tiny_model_dir, num_kv_blocks=128), [req.model_copy()])["lag"]
+    assert len(chunks) < len(want)  # several tokens per chunk once the consumer fell behind
+    assert tokens_of(chunks) == tokens_of(want) and text_of(chunks) == text_of(want)
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == tokens_of(want)
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
+
+
+async def test_coalescing_keeps_choices_apart(tiny_model_dir, aengine):
+    prompt = random_prompts(1, aengine.engine.vocab_size, 12, 12, seed=30)[0]
+    req = request("n2", prompt, SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=5, ignore_eos=True))
+    chunks = await _lagging(aengine, req)
+    want = run_all(make_engine(tiny_model_dir, num_kv_blocks=128), [req.model_copy()])["n2"]
+    assert len(chunks) < len(want)
+    for i in (0, 1):
+        assert tokens_of(chunks, i) == tokens_of(want, i) and len(tokens_of(chunks, i)) == 20
+    assert sum(c.finish_reason == "length" for c in chunks) == 2 and chunks[-1].usage.completion_tokens == 40
 
 
 async def test_cancelled_consumer_aborts_and_frees_blocks(aengine):

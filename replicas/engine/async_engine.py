@@ -72,9 +72,17 @@ class AsyncLLMEngine:
         if not self._submit(("add", req, asyncio.get_running_loop(), queue)):
             raise EngineShutdown("engine is shut down")
         done = False
+        ready: collections.deque = collections.deque()
         try:
             while True:
-                item = await queue.get()
+                if not ready:
+                    # A consumer that lags (slow client, busy event loop) gets what piled up as one chunk per
+                    # choice: every hop to the client costs per chunk, not per token.
+                    items = [await queue.get()]
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    ready.extend(_coalesce(items) if len(items) > 1 else items)
+                item = ready.popleft()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
@@ -179,3 +187,24 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(put_all)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             pass
+
+
+
+def _coalesce(items: list) -> list:
+    """Queued items -> one chunk per choice, each joined in order, ordered by its last part (so the
+    usage-carrying last chunk stays last); an error (which ends the stream) stays after them."""
+    joined: dict[int, GenerationChunk] = {}
+    last: dict[int, int] = {}
+    for pos, item in enumerate(items):
+        if isinstance(item, BaseException):
+            return sorted(joined.values(), key=lambda c: last[c.index]) + items[pos:]
+        prev = joined.get(item.index)
+        joined[item.index] = item if prev is None else _join(prev, item)
+        last[item.index] = pos
+    return sorted(joined.values(), key=lambda c: last[c.index])
+
+
+def _join(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    lp = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return a.model_copy(update={"text": a.text + b.text, "token_ids": a.token_ids + b.token_ids, "logprobs": lp,
+                                "finish_reason": b.finish_reason or a.finish_reason, "usage": b.usage or a.usage})

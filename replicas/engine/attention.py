@@ -90,9 +90,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
-        # [D, L, KVH, Dh] -> [D, KVH, L, Dh]
-        kc = kf[meta.decode_slots].transpose(1, 2)
-        vc = vf[meta.decode_slots].transpose(1, 2)
+        # Gathers use index_select, which copies whole [KVH, Dh] rows: advanced indexing (kf[slots]) goes
+        # element by element and cost more than the attention itself (5x slower at 32 x 70 slots).
+        # [D*L, KVH, Dh] -> [D, KVH, L, Dh]
+        shape = (d, meta.decode_slots.shape[1], *k.shape[1:])
+        kc = kf.index_select(0, meta.decode_slots.view(-1)).view(shape).transpose(1, 2)
+        vc = vf.index_select(0, meta.decode_slots.view(-1)).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=True)
         out[:d] = o.squeeze(2)
@@ -102,7 +105,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks, vs = kf[span.context_slots].transpose(0, 1), vf[span.context_slots].transpose(0, 1)
+            ks = kf.index_select(0, span.context_slots).transpose(0, 1)
+            vs = vf.index_select(0, span.context_slots).transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
         out[span.start:span.end] = o.transpose(0, 1)
     return out
