@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import gc
 import itertools
 import logging
 import os
@@ -147,6 +148,7 @@ class WorkerRank:
         with torch.inference_mode():
             while (step := self.channel.recv()) is not None:
                 self.runner.execute(step)
+        _release_graphs(self.runner)
         _leave_groups(self.runner.config.tp_timeout_s)  # while rank 0 leaves too
 
 
@@ -186,6 +188,7 @@ class TPWorkers(abc.ABC):
         """Rank 0's runner, once every rank has loaded its shard. Stops the workers if that fails."""
         try:
             runner = DriverRunner(self.config, args, self)
+            self._runner = runner  # its CUDA graphs go before the groups (see _release_graphs)
             self._wait_ready(self.config.tp_timeout_s)
         except BaseException:
             self.shutdown(stop_message=False)  # the workers are not in their step loop
@@ -222,6 +225,7 @@ class TPWorkers(abc.ABC):
             self._reap(0.0)  # also ends a step stuck in a gloo collective: the peers' sockets close
             idle = idle or self._lock.acquire(timeout=_SHUTDOWN_WAIT_S)
         if idle:  # no step in flight: the groups can go
+            _release_graphs(getattr(self, "_runner", None))
             _leave_groups(self.config.tp_timeout_s)  # at the same time as the workers leave theirs
             self._lock.release()
         self._reap(self.config.tp_timeout_s if clean else 0.0)
@@ -325,9 +329,20 @@ class ProcessWorkers(TPWorkers):
                 p.join(5.0)
 
 
+def _release_graphs(runner: ModelRunner | None) -> None:
+    """Destroy the runner's CUDA graphs: NCCL keeps a communicator alive (its destroy and abort wait) while a
+    captured graph holds its kernels, which hung every tp-2 run with graphs at exit."""
+    if runner is None or runner.graphs is None:
+        return
+    torch.cuda.synchronize()
+    runner.graphs = None
+    gc.collect()
+    torch.cuda.synchronize()
+
+
 def _leave_groups(timeout_s: float) -> None:
-    """Leave every group. With CUDA (NCCL), abort the communicators: a graceful destroy waited forever on
-    work that CUDA-graph capture left behind (a tp-2 run with graphs hung at exit, then aborted). Otherwise
+    """Leave every group (after `_release_graphs`). With CUDA (NCCL), abort the communicators: no peer needs
+    to answer, so a rank that is gone or stuck cannot hold this one. Otherwise
     destroy_process_group, bounded: teardown may wait for peers (every rank leaves at once after the stop
     message), and must not hang this process when they are gone."""
     if not dist.is_initialized():
