@@ -31,6 +31,9 @@ class ReplicaSettings(_Section):
     num_replicas: int = Field(1, ge=0, description="Fixed replica count when autoscaling is off.")
     num_cpus: float = Field(1, gt=0, description="CPUs per TP rank (bundle).")
     num_gpus: float = Field(0, ge=0, description="GPUs per TP rank; 0 runs on CPU.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU replicas: torch threads of each; unset = the "
+                                      "machine's cores shared among the replicas this config can run (at least "
+                                      "num_cpus), unless the Ray runtime env sets OMP_NUM_THREADS.")
     max_ongoing_requests: int = Field(256, ge=1)
     health_check_period_s: float = Field(2.0, gt=0)
     health_check_timeout_s: float = Field(10.0, gt=0)

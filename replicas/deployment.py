@@ -39,6 +39,9 @@ class LLMReplica:
 
         self.config = config
         self.engine_config = resolve_engine_config(config.engine)
+        self._device = _engine_device(self.engine_config)
+        if self._device is not None and self._device.type == "cpu":
+            _set_torch_threads(cpu_threads(config))
         self.replica_id = _replica_unique_id()
         self.epoch = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
         self.metrics = ReplicaMetrics(served_model_id(self.engine_config), self.replica_id,
@@ -54,7 +57,6 @@ class LLMReplica:
             self._publisher_task = _start_on_running_loop(self.publisher.start())
         self._draining = False
         self._inflight = 0  # generate() streams open on this replica: work the engine may not list yet
-        self._device = _engine_device(self.engine_config)
         self.metrics.start()
         log.info("replica %s ready: model=%s blocks=%s", self.replica_id, self.engine_config.served_model_id,
                  self.engine.stats().kv_blocks_total)
@@ -82,7 +84,7 @@ class LLMReplica:
     async def stats(self) -> dict:
         s = self.engine.stats().model_dump()
         s.update(replica_id=self.replica_id, node_id=_node_id(), pid=os.getpid(),
-                 tp_size=self.engine_config.tp_size, draining=self._draining)
+                 tp_size=self.engine_config.tp_size, draining=self._draining, torch_threads=_torch_threads())
         return s
 
     # ------------------------------------------------------------------ Serve hooks
@@ -223,6 +225,56 @@ def _engine_device(cfg):
         return resolve_device_dtype(cfg)[0]
     except Exception:  # noqa: BLE001 - no device check rather than no replica
         return None
+
+
+def cpu_threads(config: ClusterConfig, env_vars: dict | None = None, cores: int | None = None) -> int | None:
+    """Torch threads of a CPU replica; None leaves what Ray set (OMP_NUM_THREADS = the actor's num_cpus).
+
+    Ray's default would run the embedded model on one thread of a 2-core box (replicas.num_cpus defaults to 1,
+    a reservation, not a speed setting): by default a replica takes its share of the machine's cores among the
+    replicas this config can run at once. An OMP_NUM_THREADS the operator put in the runtime env wins."""
+    r = config.replicas
+    if r.torch_threads is not None:
+        return r.torch_threads
+    if "OMP_NUM_THREADS" in (_runtime_env_vars() if env_vars is None else env_vars):
+        return None
+    replicas = config.autoscaling.max_replicas if config.autoscaling.enabled else r.num_replicas
+    cores = cores or _usable_cores()
+    return max(int(r.num_cpus) or 1, cores // max(1, replicas * config.engine.tp_size))
+
+
+def _usable_cores() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _runtime_env_vars() -> dict:
+    import ray
+    if not ray.is_initialized():  # outside Ray (unit tests): the process's own environment
+        return dict(os.environ)
+    try:
+        return dict(ray.get_runtime_context().runtime_env.get("env_vars") or {})
+    except Exception:  # noqa: BLE001 - no runtime env: nothing set
+        return {}
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _set_torch_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+        log.info("torch threads: %d", n)
 
 
 def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: str, on_fallback=None):

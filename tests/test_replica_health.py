@@ -145,3 +145,30 @@ def test_cuda_probe_passes_a_healthy_device_and_flags_a_broken_one():
     out = subprocess.run([sys.executable, "-c", _BAD_DEVICE], capture_output=True, text=True, timeout=120)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBLEM:")), "")
     assert "device cuda:0 check failed" in line, (out.stdout[-2000:], out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("overrides, env, cores, want", [
+    ({}, {}, 2, 2),                                               # the embedded default uses the box's cores
+    ({"autoscaling.enabled": True, "autoscaling.max_replicas": 4}, {}, 2, 1),   # shared among replicas
+    ({"replicas.num_replicas": 2}, {}, 8, 4),
+    ({"engine.tp_size": 2}, {}, 8, 4),
+    ({"replicas.num_cpus": 3, "replicas.num_replicas": 4}, {}, 8, 3),  # never below the reservation
+    ({}, {"OMP_NUM_THREADS": "1"}, 2, None),                     # the operator's runtime env wins
+    ({"replicas.torch_threads": 5}, {"OMP_NUM_THREADS": "1"}, 2, 5),  # the explicit setting wins over both
+])
+def test_cpu_threads(overrides, env, cores, want):
+    assert deployment.cpu_threads(load_config(overrides=overrides), env_vars=env, cores=cores) == want
+
+
+def test_replica_applies_its_torch_threads(tiny_model_dir, monkeypatch):
+    import torch
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.device": "cpu",
+                                 "engine.num_kv_blocks": 16, "engine.block_size": 4, "replicas.torch_threads": 1})
+    r = LLMReplica(cfg)
+    try:
+        assert torch.get_num_threads() == 1 and asyncio.run(r.stats())["torch_threads"] == 1
+    finally:
+        r.engine.shutdown(timeout=0.5)
+        torch.set_num_threads(before)
