@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from replicas.engine.attention import AttentionMetadata, paged_attention
-from replicas.engine.cuda_graphs import Bucket, batch_buckets, mixed_buckets
+from replicas.engine.cuda_graphs import Bucket, batch_buckets, bucket_shape, mixed_buckets
 from replicas.engine.paged_metadata import query_heads_per_program
 from tests.paged_kernel_emulation import emulate_paged_attention
 
@@ -88,3 +88,15 @@ def test_bucket_sizes():
     assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
     assert mixed_buckets(8192) == [16, 32, 64, 128, 256]
     assert mixed_buckets(48) == [16, 32, 48]
+
+
+def test_bucket_key_range_splits():
+    """H200 (132 SMs), Llama-3-8B (8 KV heads, 4 query heads each): decode programs are one per sequence, so
+    batch 32 (256 programs) fills the GPU without splits; batch 1 splits 16 ways, or not at all over contexts
+    of <= 256 keys; a 32-token mixed step has 8 query blocks per KV head -> 8 splits."""
+    kw = dict(max_batch=256, heads_per_kv=4, num_kv_heads=8, num_sms=132)
+    assert bucket_shape(True, 32, **kw)["splits"] == 1
+    assert bucket_shape(True, 1, **kw)["splits"] == 16
+    assert bucket_shape(True, 1, max_kv_len=256, **kw)["splits"] == 1
+    mixed = bucket_shape(False, 32, **kw)
+    assert (mixed["splits"], mixed["programs"], mixed["seqs"]) == (8, 8 + 32, 32)

@@ -117,6 +117,20 @@ def _packed(segments: list[tuple[list[int], int]], sizes: list[int], align: int)
     return out
 
 
+def bucket_shape(decode: bool, tokens: int, *, max_batch: int, heads_per_kv: int, num_kv_heads: int, num_sms: int,
+                 max_kv_len: int | None = None) -> dict:
+    """A bucket's sequences, kernel programs, query block and key-range splits (see `Bucket`)."""
+    block_m, block_q = query_heads_per_program(heads_per_kv, tokens, 1 if decode else tokens)
+    seqs = min(tokens, max_batch)
+    # Decode: one program per sequence. Mixed: the query blocks if every token belonged to one sequence, plus
+    # one partial block per sequence at most.
+    blocks = tokens if decode else -(-tokens // block_q)
+    # Splits for the longest context (None: unknown at capture), over the programs a step of one long chunk
+    # has; a step of many short sequences leaves splits without keys, which cost little.
+    return dict(seqs=seqs, programs=tokens if decode else blocks + seqs, block_m=block_m, block_q=block_q,
+                splits=choose_splits(blocks * num_kv_heads, max_kv_len, num_sms))
+
+
 class StepGraphs:
     def __init__(self, model: torch.nn.Module, *, max_batch: int, max_tokens: int, max_blocks_per_seq: int,
                  block_size: int, pad_slot: int, heads_per_kv: int, num_kv_heads: int, device: torch.device,
@@ -130,22 +144,17 @@ class StepGraphs:
         self.block_tables = torch.zeros(max_batch + 1, max_blocks_per_seq, dtype=torch.int32, device=device)
 
         def bucket(decode: bool, tokens: int, max_kv_len: int | None = None) -> Bucket:
-            block_m, block_q = query_heads_per_program(heads_per_kv, tokens, 1 if decode else tokens)
-            seqs = min(tokens, max_batch)
-            blocks = -(-tokens // block_q)  # query blocks if every token belonged to one sequence
-            # Splits for the longest context (None: unknown at capture), over the programs a step of one long
-            # chunk has; a step of many short sequences leaves splits without keys, which cost little.
-            splits = choose_splits(blocks * num_kv_heads, max_kv_len, num_sms)
-            return Bucket(decode=decode, tokens=tokens, seqs=seqs, programs=tokens if decode else blocks + seqs,
-                          block_m=block_m, block_q=block_q, splits=splits, block_tables=self.block_tables,
-                          pad_slot=pad_slot, device=device)
+            shape = bucket_shape(decode, tokens, max_batch=max_batch, heads_per_kv=heads_per_kv,
+                                 num_kv_heads=num_kv_heads, num_sms=num_sms, max_kv_len=max_kv_len)
+            return Bucket(decode=decode, tokens=tokens, **shape, block_tables=self.block_tables, pad_slot=pad_slot,
+                          device=device)
 
         self.decode = {b: bucket(True, b) for b in batch_buckets(max_batch)}
         # Small decode batches over short contexts: no split (one program per KV head reads them all), since
         # split partials and the merge kernel cost as much as the attention itself there.
-        short = {b: choose_splits(b * num_kv_heads, SHORT_CONTEXT, num_sms) for b in self.decode}
         self.decode_short = {b: bucket(True, b, SHORT_CONTEXT) for b in self.decode
-                             if short[b] != self.decode[b].meta.paged.num_splits}
+                             if choose_splits(b * num_kv_heads, SHORT_CONTEXT, num_sms)
+                             != self.decode[b].meta.paged.num_splits}
         self.mixed = {t: bucket(False, t) for t in mixed_buckets(max_tokens)} if mixed else {}
         self._decode_of = [next((b for b in self.decode if b >= n), None) for n in range(max_batch + 1)]
         self.max_mixed = max(self.mixed, default=0)
