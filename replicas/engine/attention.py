@@ -99,14 +99,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=True)
         out[:d] = o.squeeze(2)
+    # Prefill chunks as batches of one, [1, H, n, Dh]: SDPA runs 3-D inputs through its unfused math path on
+    # CPU, 2-4x slower than the flash kernel it picks for 4-D ones (and quadratic in memory).
     for span in meta.prefills:
-        qs = q[span.start:span.end].transpose(0, 1)  # [H, n, Dh]
+        qs = q[span.start:span.end].unsqueeze(0).transpose(1, 2)
         if span.context_slots is None:
-            ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
+            ks = k[span.start:span.end].unsqueeze(0).transpose(1, 2)
+            vs = v[span.start:span.end].unsqueeze(0).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks = kf.index_select(0, span.context_slots).transpose(0, 1)
-            vs = vf.index_select(0, span.context_slots).transpose(0, 1)
+            ks = kf.index_select(0, span.context_slots).unsqueeze(0).transpose(1, 2)
+            vs = vf.index_select(0, span.context_slots).unsqueeze(0).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
-        out[span.start:span.end] = o.transpose(0, 1)
+        out[span.start:span.end] = o[0].transpose(0, 1)
     return out
