@@ -111,14 +111,16 @@ LOOKUP_BUCKETS = "llmc_router_index_lookup_seconds_bucket"
 
 def lookup_latency(after: dict[str, float], before: dict[str, float], timeout_s: float) -> dict | None:
     """From the router's lookup-latency histogram (cumulative bucket counts by `le`, before and after a run):
-    how many lookups answered, the bucket bounds holding their p50 and p99, and the share within `timeout_s`."""
+    how many lookups answered, the bucket bounds holding their p50 and p99, the share within `timeout_s`,
+    and the cumulative counts themselves (what a shorter budget would have kept)."""
     cum = sorted((float(le), n - before.get(le, 0.0)) for le, n in after.items())
     if not cum or cum[-1][1] <= 0:
         return None
     total = cum[-1][1]
     bound = lambda q: next(le for le, n in cum if n >= q * total)  # noqa: E731
     within = max((n for le, n in cum if le <= timeout_s), default=0.0)
-    return {"answered": total, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "within_timeout_share": within / total}
+    return {"answered": total, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99), "within_timeout_share": within / total,
+            "cumulative": {str(le): n for le, n in cum}}
 
 
 # ---------------------------------------------------------------- one policy

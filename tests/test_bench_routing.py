@@ -45,5 +45,6 @@ def test_lookup_latency_from_histogram_buckets():
     before = {"0.001": 2.0, "0.025": 3.0, "0.25": 3.0, "+Inf": 3.0}
     after = {"0.001": 42.0, "0.025": 93.0, "0.25": 102.0, "+Inf": 103.0}  # this run: 40, 50, 9, 1 per bucket
     got = bench_routing.lookup_latency(after, before, timeout_s=0.025)
-    assert got == {"answered": 100.0, "p50_le_s": 0.025, "p99_le_s": 0.25, "within_timeout_share": 0.9}
+    assert got == {"answered": 100.0, "p50_le_s": 0.025, "p99_le_s": 0.25, "within_timeout_share": 0.9,
+                   "cumulative": {"0.001": 40.0, "0.025": 90.0, "0.25": 99.0, "inf": 100.0}}
     assert bench_routing.lookup_latency(before, before, 0.025) is None  # no lookups (pow2, round_robin)
