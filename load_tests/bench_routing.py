@@ -128,7 +128,8 @@ def lookup_latency(after: dict[str, float], before: dict[str, float], timeout_s:
 def workload(args):
     from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, generate
     return generate(MultiTurnConfig(
-        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4, sharing_ratio=args.sharing_ratio,
+        seed=args.seed, conversations=args.conversations, turns=args.turns, system_prompts=4,
+        sharing_ratio=args.sharing_ratio,
         system_prompt_tokens=args.system_words, max_tokens=args.max_tokens, ignore_eos=True,
         user_tokens=LengthDist(median=args.user_words, sigma=0.3, min=8, max=4 * args.user_words),
         arrival=Arrival(concurrency=args.concurrency)))
