@@ -76,7 +76,7 @@ def copy_bandwidth_gbps() -> float:
 def build_model(shape: str, out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny_model import build_tokenizer
+    from load_tests.tiny_model import build_tokenizer
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):

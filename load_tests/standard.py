@@ -10,8 +10,9 @@ Steps, in this order:
 - latency_throughput: the same SmolLM2 cluster (kept up from the step before), ShareGPT-shaped
   streaming chat at a fixed concurrency: TTFT / ITL / E2E and tok/s.
 - routing_policies: load_tests.bench_routing as it is (round_robin / pow2 / prefix / Ray's
-  PrefixCacheAffinityRouter, tiny-model replicas, multi-turn shared-prefix workload), its runs turned
-  into the comparison report, with the DESIGN targets of prefix against pow2.
+  PrefixCacheAffinityRouter, replicas of bench_routing's random-weight benchmark model, multi-turn
+  shared-prefix workload), its runs turned into the comparison report, with the DESIGN targets of prefix
+  against pow2.
 - autoscaling: tiny-model replicas under bench_autoscaling's queue-depth policy config, a Poisson burst
   (quiet, burst, quiet) while replicas and queue depth are sampled every second.
 
@@ -247,8 +248,8 @@ def routing_policies(c: StandardConfig, shared: _Shared) -> Step:
             notes += (f"\nprefix vs pow2 (DESIGN targets): hit rate ×{f(targets['hit_rate_ratio'], '.2f')} (≥ 3), "
                       f"TTFT p50 speedup ×{f(targets['ttft_p50_speedup'], '.2f')} (≥ 2), busiest/mean in-flight "
                       f"{f(targets['prefix_busiest_over_mean_inflight'], '.2f')} (≤ 1.5)\n")
-        files = write_comparison_report(runs, out, title=f"routing policies ({c.routing_replicas} tiny-model "
-                                        f"replicas, multi-turn shared prefix)", notes=notes,
+        files = write_comparison_report(runs, out, title=f"routing policies ({c.routing_replicas} replicas, "
+                                        f"multi-turn shared prefix)", notes=notes,
                                         extra={"bench_routing": report, "prefix_vs_pow2": targets})
         keep = ("ok", "sent", "hit_rate_client", "hit_rate_engine", "ttft_p50_ms", "ttft_p99_ms", "out_tok_per_s",
                 "inflight_max_over_mean", "prompt_share_max_over_mean")
