@@ -38,7 +38,9 @@ ROUTING_OUTCOMES = (
     "cache_hit",        # the chosen replica holds at least one block of the prompt
     "cache_miss",       # no candidate holds any block: chosen by load
     "load_override",    # a candidate with a longer cached prefix was passed over for its load
-    "index_fallback",   # the prefix index could not be asked (Redis slow or down): chosen by load
+    "local_fallback",   # the prefix index did not answer (Redis slow or down): chosen on this router's own
+                        # recent decisions for the prompt's prefix, weighed against load
+    "index_fallback",   # the prefix index did not answer and this router had not routed the prefix: by load
     "no_lookup",        # the policy does not use the index (round_robin, pow2)
 )
 RETRY_REASONS = ("replica_died", "replica_unavailable", "rejected", "error")

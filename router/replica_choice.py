@@ -14,7 +14,9 @@ Ties break at random.
 
 Load = each replica's routing stats (`LLMReplica.record_routing_stats`, refreshed every stats period)
 plus this chooser's own assignments, counted the moment it decides, so that a burst does not pile onto
-one replica before the stats catch up. A slow or absent index (lookup -> None) means load-only choice.
+one replica before the stats catch up. A slow or absent index (lookup -> None) leaves this chooser's own
+recent decisions (`router.recent_routes`) as the prefix estimate, weighed against load the same way; a
+prompt it has not routed recently then goes by load alone.
 Every decision is counted by outcome (cluster.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
 and in `outcomes`.
 
@@ -38,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvstore.hashing import block_hashes, extra_key
 from replicas.protocol import GenerationRequest
+from router.recent_routes import RecentRoutes
 
 if TYPE_CHECKING:
     from kvstore.index import PrefixIndex
@@ -66,15 +69,17 @@ class RoutingParams(BaseModel):
     balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the least-loaded "
                                  "one and still be preferred for its cache ...")
     balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
+    recent_blocks: int = Field(32768, ge=0, description="Block hashes of this router's own recent decisions "
+                               "kept as its prefix estimate for when the index does not answer (LRU; 0: off).")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
                            "as this router's own at most (a stats refresh from its replica ends it sooner).")
 
 
 class _Assignment:
-    __slots__ = ("replica", "tokens", "t", "fresh")
+    __slots__ = ("replica", "tokens", "t", "fresh", "hashes")
 
-    def __init__(self, replica: str, tokens: int, t: float):
-        self.replica, self.tokens, self.t, self.fresh = replica, tokens, t, True
+    def __init__(self, replica: str, tokens: int, t: float, hashes: Sequence[int]):
+        self.replica, self.tokens, self.t, self.fresh, self.hashes = replica, tokens, t, True, hashes
 
 
 _LIVE: "weakref.WeakSet[ReplicaChooser]" = weakref.WeakSet()
@@ -102,6 +107,8 @@ class ReplicaChooser:
         self._fresh_tokens: defaultdict[str, int] = defaultdict(int)
         self._fresh: deque[_Assignment] = deque()
         self._stats_seen: dict[str, Any] = {}
+        self._recent = RecentRoutes(params.recent_blocks)
+        self._replica_set: frozenset[str] = frozenset()
         self.outcomes: collections.Counter = collections.Counter()
         self._warmed = False
         self._warming: asyncio.Future | None = None  # held: the loop keeps only weak references to tasks
@@ -117,6 +124,8 @@ class ReplicaChooser:
         n = len(replica_ids)
         policy = self.params.policy
         held: dict[str, int] | None = None  # None: no lookup made (policy, call) or the index failed
+        hashes: Sequence[int] = ()
+        local = False  # held comes from this chooser's own recent decisions
         if policy == "prefix" and req is None and not self._warmed:
             self._warm()
         if policy == "round_robin":
@@ -124,7 +133,13 @@ class ReplicaChooser:
             order = [*range(i, n), *range(i)]
         else:
             if policy == "prefix" and req is not None:
-                held = await self._lookup(req, replica_ids)
+                hashes = req.block_hashes
+                if hashes is None:  # the ingress normally sends them; hash here rather than route blind
+                    hashes = block_hashes(req.prompt_token_ids, self.params.block_size, self._extra)
+                held = await self._lookup(hashes, replica_ids)
+                if held is None and hashes:
+                    held = self._recent.held(hashes, replica_ids) or None
+                    local = held is not None
             # Loads are read after the lookup's await, so that decisions racing on the loop each see
             # the assignments the others made.
             now = time.monotonic()
@@ -133,9 +148,11 @@ class ReplicaChooser:
             order = self._pow2(work) if policy == "pow2" and n > 1 else self._rank(replica_ids, reqs, work, held or {})
         if req is not None:
             best = replica_ids[order[0]]
+            if hashes and self.params.recent_blocks:
+                self._recent.record(hashes, best)
             if request_id is not None:
-                self._assign(request_id, best, req, held or {})
-            self._record(req, best, held)
+                self._assign(request_id, best, req, held or {}, hashes)
+            self._record(req, best, held, local)
         return order
 
     def _rank(self, ids: Sequence[str], reqs: list[float], work: list[float], held: dict[str, int]) -> list[int]:
@@ -164,10 +181,7 @@ class ReplicaChooser:
             work.append(max(s.get("pending_prefill_tokens", 0), self._fresh_tokens.get(rid, 0)) + cost * r)
         return reqs, work
 
-    async def _lookup(self, req: GenerationRequest, replica_ids: Sequence[str]) -> dict[str, int] | None:
-        hashes = req.block_hashes
-        if hashes is None:  # the ingress normally sends them; hash here rather than route blind
-            hashes = block_hashes(req.prompt_token_ids, self.params.block_size, self._extra)
+    async def _lookup(self, hashes: Sequence[int], replica_ids: Sequence[str]) -> dict[str, int] | None:
         if not hashes:
             return {}
         index = self._get_index()
@@ -204,12 +218,14 @@ class ReplicaChooser:
                 self.params = self.params.model_copy(update={"redis_url": None})
         return self._index
 
-    def _record(self, req: GenerationRequest, rid: str, held: dict[str, int] | None) -> None:
+    def _record(self, req: GenerationRequest, rid: str, held: dict[str, int] | None, local: bool) -> None:
         policy = self.params.policy
         if policy != "prefix":
             outcome = "no_lookup"
         elif held is None:
             outcome = "index_fallback"
+        elif local:
+            outcome = "local_fallback"
         else:
             mine = held.get(rid, 0)
             outcome = ("load_override" if max(held.values(), default=0) > mine
@@ -219,17 +235,18 @@ class ReplicaChooser:
         if m is None:
             return
         m.inc("llmc_routing_decisions_total", policy=policy, outcome=outcome)
-        if held is not None:
+        if held is not None and not local:  # the index's predictions only
             m.inc("llmc_router_prefix_query_tokens_total", len(req.prompt_token_ids), policy=policy)
             if held.get(rid):
                 m.inc("llmc_router_prefix_hit_tokens_total", held[rid] * self.params.block_size, policy=policy)
 
     # ---------------------------------------------------------------- own assignments
 
-    def _assign(self, request_id: str, rid: str, req: GenerationRequest, held: dict[str, int]) -> None:
+    def _assign(self, request_id: str, rid: str, req: GenerationRequest, held: dict[str, int],
+                hashes: Sequence[int]) -> None:
         self.completed(request_id)  # chosen again (Serve retried): move it
         cached = held.get(rid, 0) * self.params.block_size
-        a = _Assignment(rid, max(0, len(req.prompt_token_ids) - cached), time.monotonic())
+        a = _Assignment(rid, max(0, len(req.prompt_token_ids) - cached), time.monotonic(), hashes)
         self._assigned[request_id] = a
         self._inflight[rid] += 1
         self._fresh_tokens[rid] += a.tokens
@@ -242,6 +259,8 @@ class ReplicaChooser:
             self._release(a)
             a.replica, a.fresh = rid, False
             self._inflight[rid] += 1
+            if a.hashes and self.params.recent_blocks:
+                self._recent.record(a.hashes, rid)
 
     def completed(self, request_id: str) -> None:
         a = self._assigned.pop(request_id, None)
@@ -257,7 +276,7 @@ class ReplicaChooser:
     def update(self, stats: Mapping[str, Mapping[str, Any] | None]) -> None:
         """The replicas now routable, with their routing stats (Serve broadcasts them when they change).
         A replica's new stats include what this chooser sent it before: stop counting that prefill as
-        its own. Replicas that are gone lose their counters."""
+        its own. Replicas that are gone lose their counters and their recent decisions."""
         for rid, s in stats.items():
             if s and s != self._stats_seen.get(rid):
                 self._stats_seen[rid] = s
@@ -269,6 +288,9 @@ class ReplicaChooser:
         for table in (self._inflight, self._fresh_tokens, self._stats_seen):
             for rid in [k for k in table if k not in stats]:
                 del table[rid]
+        if not self._replica_set.issubset(stats):  # a replica left (stats refreshes come far more often)
+            self._recent.retain(stats)
+        self._replica_set = frozenset(stats)
 
     def _release(self, a: _Assignment) -> None:
         self._inflight[a.replica] = max(0, self._inflight[a.replica] - 1)

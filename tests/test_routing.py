@@ -18,6 +18,7 @@ from cluster.model_prep import EMBEDDED_MODEL, served_model_id
 from kvstore.hashing import block_hashes, extra_key
 from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
 from replicas.protocol import GenerationRequest
+from router.recent_routes import RecentRoutes
 from router.replica_choice import METRICS, RoutingParams, router_counters
 from router.routing import KVAwareRouter, router_config
 
@@ -176,15 +177,112 @@ async def test_index_unavailable_routes_by_load_and_counts_fallbacks():
     a, b = FakeReplica("a", running=6, pending_prefill_tokens=300), FakeReplica("b", running=1)
     router = make_router(index=DeadIndex())
     before = router_counters()["index_fallback"]
-    for _ in range(5):
-        assert (await choose(router, [a, b], pending(PROMPT)))[0] == "b"
+    for k in range(5):  # prompts this router has not routed before: load is all it knows
+        assert (await choose(router, [a, b], pending([k, *PROMPT])))[0] == "b"
     assert router.chooser.outcomes == {"index_fallback": 5} and router_counters()["index_fallback"] - before == 5
     assert metric(router, "llmc_redis_fallbacks_total", component="router", reason="error") == 5
     assert metric(router, "llmc_router_index_lookup_seconds_count", model=MODEL) == 0  # only answers are timed
 
 
+class FlakyIndex(InMemoryPrefixIndex):
+    """The in-process index, with lookups that go unanswered (a late Redis) while `down`."""
+    down = False
+
+    async def lookup(self, model_id, block_hashes, replica_ids):
+        if self.down:
+            self.lookup_failures += 1
+            return None
+        return await super().lookup(model_id, block_hashes, replica_ids)
+
+
+@pytest.mark.parametrize("recent_blocks", [32768, 0])
+async def test_late_index_sends_the_prompt_where_this_router_sent_its_prefix(recent_blocks):
+    """Turn 1 of a conversation goes anywhere (nobody holds it); while the index is late, the next turns
+    (turn 1's prompt + more) follow turn 1 instead of a blind load-only choice, still weighed against load.
+    recent_blocks=0 switches the record off: blind choices, spread over the fleet."""
+    index = FlakyIndex()
+    replicas = [FakeReplica(x, running=1) for x in "abcd"]
+    router = make_router(index=index, recent_blocks=recent_blocks)
+    turn1 = list(range(100, 140))  # 10 blocks
+    first, _ = await choose(router, replicas, pending(turn1))
+    index.down = True
+    wins = collections.Counter()
+    for k in range(40):
+        wins[(await choose(router, replicas, pending(turn1 + list(range(k, k + 9)))))[0]] += 1
+    if not recent_blocks:
+        assert len(wins) > 1 and router.chooser.outcomes == {"cache_miss": 1, "index_fallback": 40}
+        return
+    assert wins == {first: 40}
+    assert router.chooser.outcomes == {"cache_miss": 1, "local_fallback": 40}
+    # The same cost model: a holder with far more queued work than the 10 blocks save is passed over.
+    holder = next(r for r in replicas if r.replica_id.unique_id == first)
+    holder.routing_stats = dict(running=1, pending_prefill_tokens=500)
+    assert (await choose(router, replicas, pending(turn1 + [7])))[0] != first
+    holder.routing_stats = dict(running=1)
+    # Serve took a fallback group: the record follows where the request really went.
+    pr = pending(list(range(200, 240)))
+    best, groups = await choose(router, replicas, pr, complete=False)
+    moved_to = groups[1][0].replica_id
+    router.on_request_routed(pr, moved_to, None)
+    router.on_request_completed(moved_to, pr.metadata.internal_request_id)
+    assert (await choose(router, replicas, pending(list(range(200, 245)))))[0] == moved_to.unique_id
+
+
+def test_recent_routes_are_bounded_and_keep_chain_heads():
+    """At most max_blocks entries; a chain losing entries to the LRU loses its tail first, so what is
+    left still answers for the prompt's leading blocks. Later owners of a block win."""
+    rec = RecentRoutes(max_blocks=15)
+    chain_a = block_hashes(list(range(40)), BS)  # 10 blocks
+    chain_b = block_hashes(list(range(1000, 1040)), BS)
+    rec.record(chain_a, "a")
+    assert rec.held(chain_a, ["a", "b"]) == {"a": 10}
+    rec.record(chain_b, "b")
+    assert len(rec) == 15
+    assert rec.held(chain_a, ["a", "b"]) == {"a": 5} and rec.held(chain_b, ["a", "b"]) == {"b": 10}
+    rec.record(chain_b[:3], "c")  # c took b's first 3 blocks since: b still has all 10
+    assert rec.held(chain_b, ["a", "b", "c"]) == {"c": 3, "b": 10}
+    assert rec.held(chain_b, ["a", "c"]) == {"c": 3}  # candidates only
+    for k in range(200):
+        rec.record(block_hashes(list(range(k, k + 400)), BS), "x")
+        assert len(rec) == 15
+    # Through the chooser: its record never exceeds recent_blocks.
+    router = make_router(index=FlakyIndex(), recent_blocks=50)
+    router.chooser._index.down = True  # noqa: SLF001 — drive the fallback path
+    replicas = [FakeReplica(x) for x in "ab"]
+
+    async def run():
+        for k in range(30):
+            await choose(router, replicas, pending(list(range(k * 100, k * 100 + 80))))
+            assert len(router.chooser._recent) <= 50  # noqa: SLF001
+    asyncio.run(run())
+
+
+async def test_a_replica_that_left_is_forgotten_by_the_record():
+    """A replica leaving the candidate set drops its entries: even if the same id were offered again,
+    its old decisions are not used (its cache is gone with it)."""
+    index = FlakyIndex()
+    index.down = True
+    a, b, c = FakeReplica("a"), FakeReplica("b", running=3), FakeReplica("c", running=3)
+    router = make_router(index=index)
+    ch = router.chooser
+    ch.update({x.replica_id.unique_id: x.routing_stats for x in (a, b, c)})
+    prompt = list(range(300, 340))
+    assert (await choose(router, [a, b, c], pending(prompt)))[0] == "a"  # by load
+    assert (await choose(router, [a, b, c], pending(prompt + [1])))[0] == "a"
+    assert ch.outcomes == {"index_fallback": 1, "local_fallback": 1} and len(ch._recent) == 10  # noqa: SLF001
+    ch.update({"b": b.routing_stats, "c": c.routing_stats})  # a is gone
+    assert len(ch._recent) == 0  # noqa: SLF001
+    ch.update({x.replica_id.unique_id: x.routing_stats for x in (a, b, c)})
+    a.routing_stats = dict(running=2)
+    b.routing_stats = c.routing_stats = dict(running=2)
+    await choose(router, [a, b, c], pending(prompt + [2]))
+    assert ch.outcomes["index_fallback"] == 2 and ch.outcomes["local_fallback"] == 1
+
+
 async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redis_url):
-    """A hung Redis costs at most the lookup timeout, then nothing (breaker); back up -> prefix again."""
+    """A hung Redis costs at most the lookup timeout, then nothing (breaker). Meanwhile a prompt this router
+    routed before follows its own decision (here: to the holder, not the less-loaded replica), a new one goes
+    by load. Back up -> the index again."""
     index = RedisPrefixIndex(redis_url, timeout_s=0.02, breaker_s=0.3)
     a, b = FakeReplica("a", running=2), FakeReplica("b", running=1)
     await hold(index, a, PROMPT)
@@ -192,15 +290,25 @@ async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redi
     assert (await choose(router, [a, b], pending(PROMPT)))[0] == "a"
     redis_server.pause()
     try:
-        for _ in range(20):
+        for k in range(10):
             t0 = time.perf_counter()
             best, _ = await choose(router, [a, b], pending(PROMPT))
-            assert time.perf_counter() - t0 < 0.2 and best == "b"  # load only
-        assert router.chooser.outcomes["index_fallback"] == 20
+            assert time.perf_counter() - t0 < 0.2 and best == "a"  # this router sent PROMPT to a
+            t0 = time.perf_counter()
+            best, _ = await choose(router, [a, b], pending([1000 + k, *PROMPT]))  # never routed: load only
+            assert time.perf_counter() - t0 < 0.2 and best == "b"
+        assert router.chooser.outcomes["local_fallback"] == 10 and router.chooser.outcomes["index_fallback"] == 10
+        assert metric(router, "llmc_routing_decisions_total", policy="prefix", outcome="local_fallback") == 10
         assert metric(router, "llmc_redis_fallbacks_total", component="router", reason="timeout") >= 1
     finally:
         redis_server.resume()
+    b.routing_stats = dict(running=0)
+    await index.drop_replica(MODEL, "a")  # the index (the truth) says a lost it: no local guess once it answers
     deadline = time.monotonic() + 5
+    while (await choose(router, [a, b], pending(PROMPT)))[0] != "b":
+        assert time.monotonic() < deadline, "routing did not follow the index again after Redis came back"
+        await asyncio.sleep(0.05)
+    await hold(index, a, PROMPT)
     while (await choose(router, [a, b], pending(PROMPT)))[0] != "a":
         assert time.monotonic() < deadline, "prefix routing did not come back after Redis did"
         await asyncio.sleep(0.05)
