@@ -1,43 +1,50 @@
 """RecentRoutes: one router's own recent decisions, its prefix estimate when the prefix index is late.
 
-Block hash -> the replica this router last sent a prompt holding that block to, LRU-bounded to
-`max_blocks` entries. Hashes are chained, so block i maps to replica r only if r took a prompt that began
-with every block up to i: r computed that prefix. Whether r still caches it, and what other routers sent,
-only Redis knows; the router therefore asks Redis first and reads this only when Redis did not answer.
+Block hash -> the replica this router last sent a prompt holding that block to. Hashes are chained, so
+block i maps to replica r only if r took a prompt that began with every block up to i: r computed that
+prefix. Whether r still caches it, and what other routers sent, only Redis knows; the router therefore
+asks Redis first and reads this only when Redis did not answer.
+
+Bounded to `max_blocks` entries by two generations of at most half of it each (new entries go to the
+young one; when they would not fit, it becomes the old one and the previous old one is dropped):
+recording a prompt is one dict update at C speed on the routing hot path, where a per-entry LRU cost
+~0.6 µs a block (66 µs for a 1,760-token prompt). At least the max_blocks / 2 most recently recorded
+blocks are kept, and a prompt's blocks are recorded and dropped together (its first max_blocks / 2), so
+what is known of a chain is always a prefix of it.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from itertools import repeat
 from typing import Iterable, Sequence
 
 
 class RecentRoutes:
-    __slots__ = ("max_blocks", "_owner")
+    __slots__ = ("max_blocks", "_young", "_old")
 
     def __init__(self, max_blocks: int):
         self.max_blocks = max_blocks
-        self._owner: OrderedDict[int, str] = OrderedDict()
+        self._young: dict[int, str] = {}
+        self._old: dict[int, str] = {}
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self._young) + len(self._old)
 
     def record(self, hashes: Sequence[int], replica: str) -> None:
         """`replica` took a prompt with these chained block hashes."""
-        owner = self._owner
-        # Leading blocks touched last (freshest): the LRU drops a chain's tail before its head, so what is
-        # left of a chain is always a prefix of it.
-        for h in reversed(hashes[:self.max_blocks]):
-            owner[h] = replica
-            owner.move_to_end(h)
-        while len(owner) > self.max_blocks:
-            owner.popitem(last=False)
+        half = self.max_blocks // 2
+        if not half:
+            return
+        new = hashes[:half]
+        if len(self._young) + len(new) > half:
+            self._old, self._young = self._young, {}
+        self._young.update(zip(new, repeat(replica)))
 
     def held(self, hashes: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
         """Leading blocks of `hashes` each candidate took last, as far as this router knows (absent: none)."""
-        owner = self._owner
+        young, old = self._young, self._old
         found: dict[str, int] = {}
         for i, h in enumerate(hashes):
-            r = owner.get(h)
+            r = young.get(h) or old.get(h)
             if r is None:  # nothing later in a chain is recorded without this block
                 break
             found[r] = i + 1  # r took blocks 0..i
@@ -46,6 +53,5 @@ class RecentRoutes:
     def retain(self, replicas: Iterable[str]) -> None:
         """Forget the replicas not in `replicas` (they left: a restart comes back with a new replica id)."""
         keep = set(replicas)
-        owner = self._owner
-        for h in [h for h, r in owner.items() if r not in keep]:
-            del owner[h]
+        self._young = {h: r for h, r in self._young.items() if r in keep}
+        self._old = {h: r for h, r in self._old.items() if r in keep}

@@ -229,22 +229,23 @@ async def test_late_index_sends_the_prompt_where_this_router_sent_its_prefix(rec
 
 
 def test_recent_routes_are_bounded_and_keep_chain_heads():
-    """At most max_blocks entries; a chain losing entries to the LRU loses its tail first, so what is
-    left still answers for the prompt's leading blocks. Later owners of a block win."""
-    rec = RecentRoutes(max_blocks=15)
+    """At most max_blocks entries, in two generations of max_blocks / 2: the latest ones always answer, a
+    prompt's blocks come and go together, and a long prompt keeps its leading blocks, so what is left of a
+    chain still answers for the prompt's start. Later owners of a block win."""
+    rec = RecentRoutes(max_blocks=20)
     chain_a = block_hashes(list(range(40)), BS)  # 10 blocks
     chain_b = block_hashes(list(range(1000, 1040)), BS)
     rec.record(chain_a, "a")
     assert rec.held(chain_a, ["a", "b"]) == {"a": 10}
     rec.record(chain_b, "b")
-    assert len(rec) == 15
-    assert rec.held(chain_a, ["a", "b"]) == {"a": 5} and rec.held(chain_b, ["a", "b"]) == {"b": 10}
-    rec.record(chain_b[:3], "c")  # c took b's first 3 blocks since: b still has all 10
-    assert rec.held(chain_b, ["a", "b", "c"]) == {"c": 3, "b": 10}
+    assert len(rec) == 20 and rec.held(chain_a, ["a", "b"]) == {"a": 10} and rec.held(chain_b, ["a", "b"]) == {"b": 10}
+    rec.record(chain_b[:3], "c")  # c took b's first 3 blocks since: b still has all 10; a is the oldest, dropped
+    assert rec.held(chain_b, ["a", "b", "c"]) == {"c": 3, "b": 10} and rec.held(chain_a, ["a", "b"]) == {}
     assert rec.held(chain_b, ["a", "c"]) == {"c": 3}  # candidates only
     for k in range(200):
-        rec.record(block_hashes(list(range(k, k + 400)), BS), "x")
-        assert len(rec) == 15
+        chain = block_hashes(list(range(k, k + 400)), BS)  # 25 blocks: the first 10 are kept
+        rec.record(chain, "x")
+        assert len(rec) <= 20 and rec.held(chain, ["x"]) == {"x": 10}
     # Through the chooser: its record never exceeds recent_blocks.
     router = make_router(index=FlakyIndex(), recent_blocks=50)
     router.chooser._index.down = True  # noqa: SLF001 — drive the fallback path
