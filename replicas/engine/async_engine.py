@@ -2,7 +2,8 @@
 to its asyncio caller.
 
 Every engine mutation happens on the loop thread: callers enqueue add/abort commands and get results
-through per-request asyncio queues, filled with one `call_soon_threadsafe` per event loop per step.
+through per-request asyncio queues, filled with one `call_soon_threadsafe` per event loop per step; a
+consumer that falls behind takes what piled up as one chunk per choice.
 torch releases the GIL in the forward pass, so the replica's event loop stays responsive.
 """
 from __future__ import annotations
@@ -187,7 +188,6 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(put_all)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             pass
-
 
 
 def _coalesce(items: list) -> list:
