@@ -46,22 +46,21 @@ async def test_concurrent_streams_match_sync_engine(tiny_model_dir, aengine):
     assert aengine.engine.stats().steps < 6 * 8  # they were batched, not run one after another
 
 
-async def _lagging(engine, req, lag_s=0.3):
-    """Collect a stream whose consumer blocks its event loop after the first chunk: chunks pile up."""
+async def _lagging(engine, req):
+    """Collect a stream whose consumer stops pulling after the first chunk until the engine has generated
+    the whole request: everything after the first chunk piles up in the stream's queue."""
     chunks = []
     async for c in engine.generate(req):
         if not chunks:
-            await asyncio.to_thread(_until_steps, engine, 6)
-            time.sleep(lag_s)  # the loop is blocked: the engine's deliveries queue up meanwhile
+            await asyncio.to_thread(_until_idle, engine)
         chunks.append(c)
     return chunks
 
 
-def _until_steps(engine, n, timeout=10.0):
+def _until_idle(engine, timeout=30.0):
     deadline = time.monotonic() + timeout
-    start = engine.stats().steps
-    while engine.stats().steps < start + n:
-        assert time.monotonic() < deadline, "engine did not step"
+    while engine.engine.has_unfinished():
+        assert time.monotonic() < deadline, "engine did not finish"
         time.sleep(0.005)
 
 
