@@ -14,6 +14,21 @@ from cluster.config import ClusterConfig
 log = logging.getLogger("llm_cluster")
 
 
+def init_ray(*, attempts: int = 2, **kwargs):
+    """ray.init, tried again when a local node misses Ray's fixed 30 s start-up deadline (a saturated box:
+    the raylet registers late). Any other failure is raised at once."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            ray.shutdown()  # the half-started node's processes
+            if attempt == attempts or "timed out during startup" not in str(e):
+                raise
+            log.warning("Ray's local node did not start in time (%s); starting it again", e)
+
+
 @contextlib.contextmanager
 def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_address: str | None = None,
                     dashboard: bool = True, log_to_driver: bool = True) -> Iterator[ClusterConfig]:
@@ -34,7 +49,7 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
             log.info("embedded Redis on %s", redis.url)
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
+            init_ray(address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
                      include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
             stack.callback(ray.shutdown)
