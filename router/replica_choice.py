@@ -70,7 +70,7 @@ class RoutingParams(BaseModel):
                                  "one and still be preferred for its cache ...")
     balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
     recent_blocks: int = Field(32768, ge=0, description="Block hashes of this router's own recent decisions "
-                               "kept as its prefix estimate for when the index does not answer (LRU; 0: off).")
+                               "kept as its prefix estimate for when the index does not answer (0: off).")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
                            "as this router's own at most (a stats refresh from its replica ends it sooner).")
 
@@ -148,7 +148,7 @@ class ReplicaChooser:
             order = self._pow2(work) if policy == "pow2" and n > 1 else self._rank(replica_ids, reqs, work, held or {})
         if req is not None:
             best = replica_ids[order[0]]
-            if hashes and self.params.recent_blocks:
+            if hashes:
                 self._recent.record(hashes, best)
             if request_id is not None:
                 self._assign(request_id, best, req, held or {}, hashes)
@@ -259,7 +259,7 @@ class ReplicaChooser:
             self._release(a)
             a.replica, a.fresh = rid, False
             self._inflight[rid] += 1
-            if a.hashes and self.params.recent_blocks:
+            if a.hashes:
                 self._recent.record(a.hashes, rid)
 
     def completed(self, request_id: str) -> None:
