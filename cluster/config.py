@@ -82,6 +82,9 @@ class RouterSettings(_Section):
     # 2, not 1: queued work is read from stats up to a period old (an overestimate, the queue drains meanwhile),
     # and passing a holder over recomputes its cached tokens, work that delays the requests behind it too.
     prefix_weight: float = Field(2.0, ge=0, description="Prefix policy: value of one cached token vs one queued token.")
+    balance_slack: float = Field(4.0, ge=0, description="Prefix policy: requests a replica may run above the mean "
+                                 "and still be preferred for its cache ...")
+    balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
 
 
 class ClusterConfig(_Section):

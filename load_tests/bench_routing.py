@@ -46,7 +46,8 @@ def make_config(model_dir: str, redis_url: str, policy: str, args):
         "replicas.num_replicas": args.replicas, "replicas.num_cpus": 0.5, "redis_url": redis_url,
         "router.policy": "prefix" if policy == "ray_prefix" else policy,
         "router.redis_timeout_ms": args.redis_timeout_ms,
-        **({} if args.prefix_weight is None else {"router.prefix_weight": args.prefix_weight})})
+        **({} if args.prefix_weight is None else {"router.prefix_weight": args.prefix_weight}),
+        **dict(o.split("=", 1) for o in args.overrides)})
 
 
 def deploy(cfg, policy: str) -> None:
@@ -274,6 +275,8 @@ def main(argv=None) -> int:
     # and at 5 ms 154 of 160 decisions fell back to load only (docs/benchmarks.md, Routing policies).
     p.add_argument("--redis-timeout-ms", type=float, default=250.0, help="router.redis_timeout_ms for the run")
     p.add_argument("--prefix-weight", type=float, default=None, help="default: the config's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other config override for every policy's app, e.g. router.balance_slack=8")
     p.add_argument("--rounds", type=int, default=1, help="each round runs every policy once, in rotated order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=900)

@@ -8,8 +8,11 @@ Policies (`router.policy`):
                queued work = pending prefill tokens + request_cost_tokens * requests (waiting + running).
                A cached prefix therefore wins until waiting behind its holder costs more than the
                prefill it saves. Hot spots: a candidate running more than
-               max(balance_slack, balance_ratio * mean) requests above the least-loaded candidate is
-               ranked behind every candidate within that bound (per candidate, never fleet-wide).
+               max(balance_slack, balance_ratio * mean) requests above the candidates' mean is ranked
+               behind every candidate within that bound (per candidate, never fleet-wide). The bound is
+               on the mean, as the balance target is (busiest <= 1.5x the mean in-flight): measured from
+               the least-loaded candidate it passed holders over at low load, where a few requests more
+               cost far less than re-prefilling a conversation's history elsewhere.
 Ties break at random.
 
 Load = each replica's routing stats (`LLMReplica.record_routing_stats`, refreshed every stats period)
@@ -66,8 +69,8 @@ class RoutingParams(BaseModel):
     prefix_weight: float = Field(2.0, ge=0, description="Value of one cached token vs one queued token.")
     request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
                                        "beyond its pending prefill, in prefill tokens.")
-    balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the least-loaded "
-                                 "one and still be preferred for its cache ...")
+    balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the candidates' "
+                                 "mean and still be preferred for its cache ...")
     balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
     recent_blocks: int = Field(32768, ge=0, description="Block hashes of this router's own recent decisions "
                                "kept as its prefix estimate for when the index does not answer (0: off).")
@@ -157,7 +160,8 @@ class ReplicaChooser:
 
     def _rank(self, ids: Sequence[str], reqs: list[float], work: list[float], held: dict[str, int]) -> list[int]:
         p = self.params
-        bound = min(reqs) + max(p.balance_slack, p.balance_ratio * sum(reqs) / len(reqs))
+        mean = sum(reqs) / len(reqs)
+        bound = mean + max(p.balance_slack, p.balance_ratio * mean)
         gain = p.prefix_weight * p.block_size
         keys = [(reqs[i] <= bound, gain * held.get(ids[i], 0) - work[i], random.random()) for i in range(len(ids))]
         return sorted(range(len(ids)), key=keys.__getitem__, reverse=True)

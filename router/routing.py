@@ -30,7 +30,8 @@ def router_config(cfg: "ClusterConfig"):
 
     params = RoutingParams(policy=cfg.router.policy, model_id=served_model_id(cfg.engine),
                            block_size=cfg.engine.block_size, redis_url=cfg.redis_url,
-                           redis_timeout_ms=cfg.router.redis_timeout_ms, prefix_weight=cfg.router.prefix_weight)
+                           redis_timeout_ms=cfg.router.redis_timeout_ms, prefix_weight=cfg.router.prefix_weight,
+                           balance_slack=cfg.router.balance_slack, balance_ratio=cfg.router.balance_ratio)
     return RequestRouterConfig(request_router_class=KVAwareRouter, request_router_kwargs=params.model_dump(),
                                request_routing_stats_period_s=STATS_PERIOD_S)
 

@@ -48,3 +48,12 @@ def test_lookup_latency_from_histogram_buckets():
     assert got == {"answered": 100.0, "p50_le_s": 0.025, "p99_le_s": 0.25, "within_timeout_share": 0.9,
                    "cumulative": {"0.001": 40.0, "0.025": 90.0, "0.25": 99.0, "inf": 100.0}}
     assert bench_routing.lookup_latency(before, before, 0.025) is None  # no lookups (pow2, round_robin)
+
+
+def test_config_overrides_reach_every_policy_app():
+    import argparse
+    args = argparse.Namespace(block_size=16, kv_blocks_resolved=100, replicas=3, redis_timeout_ms=50.0,
+                              prefix_weight=None, overrides=["router.balance_slack=8", "engine.max_num_seqs=4"])
+    cfg = bench_routing.make_config("/m", "redis://127.0.0.1:1", "ray_prefix", args)
+    assert (cfg.router.policy, cfg.router.balance_slack, cfg.engine.max_num_seqs) == ("prefix", 8, 4)
+    assert cfg.router.prefix_weight == 2.0  # the config's default when --prefix-weight is not given

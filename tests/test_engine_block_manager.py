@@ -270,6 +270,24 @@ def test_a_sequence_preempts_itself_when_it_is_the_lowest():
     assert out.preempted == [b] and out.seqs == [a]
 
 
+def test_pending_prefill_counts_what_admission_will_compute():
+    """The routers' queued-work figure: a waiting prompt's cached prefix is not work (it is found again at
+    admission); running prefills count their remaining chunk, decodes nothing."""
+    sched = make_sched(num_blocks=16, max_num_seqs=1, budget=8)
+    holder = make_seq(range(12), "holder")
+    sched.add(holder)
+    assert sched.pending_prefill_tokens() == 12  # nothing cached yet
+    fake_step(sched)
+    assert sched.pending_prefill_tokens() == 4  # its second chunk
+    fake_step(sched)
+    assert sched.pending_prefill_tokens() == 0  # decoding
+    follow_up = make_seq([*range(12), 7, 50, 51, 52, 53], "follow-up")  # 3 of its blocks are cached
+    sched.add(follow_up)
+    assert sched.pending_prefill_tokens() == 17 - 12
+    sched.add(make_seq(range(100, 110), "cold"))
+    assert sched.pending_prefill_tokens() == 5 + 10
+
+
 def test_finish_frees_waiting_and_running():
     sched = make_sched(num_blocks=4, max_num_seqs=1)
     a, b = make_seq(range(8), "a"), make_seq(range(8), "b")

@@ -141,6 +141,22 @@ async def test_hot_holder_is_gated_by_load_bound():
     assert (await choose(router, [a, b, c], pending(long_prompt)))[0] == "a"
 
 
+async def test_holder_a_few_requests_busier_keeps_its_conversation_at_low_load():
+    """Benchmark run C's case: 8 in flight over 6 replicas, the holder of a long conversation runs 5 and
+    two replicas are idle. Moving would re-prefill the history elsewhere; 5 is within slack of the mean
+    (1.3), so the holder keeps it (a bound measured from the idle replicas passed it over)."""
+    index = InMemoryPrefixIndex()
+    history = list(range(2000, 2400))  # 100 blocks
+    holder = FakeReplica("h", running=5, pending_prefill_tokens=40)
+    others = [FakeReplica(x, running=r) for x, r in zip("abcde", [0, 1, 1, 1, 0])]
+    await hold(index, holder, history)
+    router = make_router(index=index)
+    for k in range(10):
+        assert (await choose(router, [*others, holder], pending(history + [k, k + 1, k + 2])))[0] == "h"
+    holder.routing_stats = dict(running=12)  # a real hot spot: far above the mean
+    assert (await choose(router, [*others, holder], pending(history + [9])))[0] != "h"
+
+
 @pytest.mark.parametrize("others_cache", [True, False])
 async def test_skew_spreads_a_burst_before_stats_refresh(others_cache):
     """All traffic shares one prefix, 60 requests arrive at once (no completions, stats stale at 0).
@@ -395,12 +411,14 @@ async def test_non_generation_calls_route_by_load():
 
 def test_router_config_from_cluster_config():
     cfg = load_config(overrides={"router.policy": "pow2", "redis_url": "redis://127.0.0.1:1",
-                                 "engine.block_size": 32, "router.redis_timeout_ms": 7})
+                                 "engine.block_size": 32, "router.redis_timeout_ms": 7, "router.prefix_weight": 1.5,
+                                 "router.balance_slack": 6, "router.balance_ratio": 0.25})
     rc = router_config(cfg)
     assert rc.request_router_class == "router.routing.KVAwareRouter"
     p = RoutingParams.model_validate(rc.request_router_kwargs)
     assert (p.policy, p.model_id, p.block_size, p.redis_url, p.redis_timeout_ms) == \
         ("pow2", EMBEDDED_MODEL, 32, "redis://127.0.0.1:1", 7)
+    assert (p.prefix_weight, p.balance_slack, p.balance_ratio) == (1.5, 6, 0.25)
     assert rc.request_routing_stats_period_s <= 1
 
 

@@ -36,14 +36,18 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        # The routers weigh this replica's queued prefill against the prefill their cache saves: count
+        # what admission will compute, not the prefix it will find cached (looked up again then).
+        seq.waiting_prefill = seq.num_tokens - len(self.bm.lookup(seq)) * self.bm.block_size
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def pending_prefill_tokens(self) -> int:
-        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + \
-            sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.running)
+        # A running sequence with one token left is decoding (or ends its prefill with one token: counted 0).
+        return sum(s.waiting_prefill for s in self.waiting) + \
+            sum(n for s in self.running if (n := s.num_tokens - s.num_computed_tokens) > 1)
 
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()

@@ -19,7 +19,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("request_id", "index", "token_ids", "prompt_token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
                  "block_hashes", "num_hashed_blocks", "status", "params", "priority", "arrival",
-                 "num_cached_tokens")
+                 "num_cached_tokens", "waiting_prefill")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  *, priority: int = 0, output_token_ids: list[int] = (), prompt_block_hashes: list[int] = (),
@@ -39,6 +39,7 @@ class Sequence:
         self.priority = priority
         self.arrival = next(_arrivals) if arrival is None else arrival
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
+        self.waiting_prefill = 0  # while waiting: tokens it will compute once admitted (Scheduler.add)
 
     @property
     def num_tokens(self) -> int:
