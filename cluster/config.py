@@ -84,7 +84,7 @@ class RouterSettings(_Section):
     prefix_weight: float = Field(2.0, ge=0, description="Prefix policy: value of one cached token vs one queued token.")
     balance_slack: float = Field(4.0, ge=0, description="Prefix policy: requests a replica may run above the mean "
                                  "and still be preferred for its cache ...")
-    balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
+    balance_ratio: float = Field(0.25, ge=0, description="... or this fraction of the mean, if larger.")
 
 
 class ClusterConfig(_Section):

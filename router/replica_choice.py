@@ -19,7 +19,8 @@ Load = each replica's routing stats (`LLMReplica.record_routing_stats`, refreshe
 plus this chooser's own assignments, counted the moment it decides, so that a burst does not pile onto
 one replica before the stats catch up. A slow or absent index (lookup -> None) leaves this chooser's own
 recent decisions (`router.recent_routes`) as the prefix estimate, weighed against load the same way; a
-prompt it has not routed recently then goes by load alone.
+prompt it has not routed recently then goes by load alone. When the index answers, the decisions of the
+last `index_lag_s` are added to its answer (holders publish only after computing).
 Every decision is counted by outcome (cluster.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
 and in `outcomes`.
 
@@ -71,9 +72,12 @@ class RoutingParams(BaseModel):
                                        "beyond its pending prefill, in prefill tokens.")
     balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the candidates' "
                                  "mean and still be preferred for its cache ...")
-    balance_ratio: float = Field(0.5, ge=0, description="... or this fraction of the mean, if larger.")
+    balance_ratio: float = Field(0.25, ge=0, description="... or this fraction of the mean, if larger.")
     recent_blocks: int = Field(32768, ge=0, description="Block hashes of this router's own recent decisions "
                                "kept as its prefix estimate for when the index does not answer (0: off).")
+    index_lag_s: float = Field(2.0, ge=0, description="How long this router's own decisions count as prefix "
+                               "holders beside the index's answer: a replica publishes blocks only after computing "
+                               "them (0: the index alone).")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
                            "as this router's own at most (a stats refresh from its replica ends it sooner).")
 
@@ -143,6 +147,10 @@ class ReplicaChooser:
                 if held is None and hashes:
                     held = self._recent.held(hashes, replica_ids) or None
                     local = held is not None
+                elif hashes and self.params.index_lag_s > 0:  # what the holders have not published yet
+                    for rid, n in self._recent.held(hashes, replica_ids, time.monotonic() - self.params.index_lag_s).items():
+                        if n > held.get(rid, 0):
+                            held[rid] = n
             # Loads are read after the lookup's await, so that decisions racing on the loop each see
             # the assignments the others made.
             now = time.monotonic()
@@ -152,7 +160,7 @@ class ReplicaChooser:
         if req is not None:
             best = replica_ids[order[0]]
             if hashes:
-                self._recent.record(hashes, best)
+                self._recent.record(hashes, best, time.monotonic())
             if request_id is not None:
                 self._assign(request_id, best, req, held or {}, hashes)
             self._record(req, best, held, local)
@@ -264,7 +272,7 @@ class ReplicaChooser:
             a.replica, a.fresh = rid, False
             self._inflight[rid] += 1
             if a.hashes:
-                self._recent.record(a.hashes, rid)
+                self._recent.record(a.hashes, rid, a.t)
 
     def completed(self, request_id: str) -> None:
         a = self._assigned.pop(request_id, None)
