@@ -144,23 +144,23 @@ class ReplicaChooser:
                 if hashes is None:  # the ingress normally sends them; hash here rather than route blind
                     hashes = block_hashes(req.prompt_token_ids, self.params.block_size, self._extra)
                 held = await self._lookup(hashes, replica_ids)
-                if held is None and hashes:
-                    held = self._recent.held(hashes, replica_ids) or None
-                    local = held is not None
-                elif hashes and self.params.index_lag_s > 0:  # what the holders have not published yet
-                    for rid, n in self._recent.held(hashes, replica_ids, time.monotonic() - self.params.index_lag_s).items():
-                        if n > held.get(rid, 0):
-                            held[rid] = n
             # Loads are read after the lookup's await, so that decisions racing on the loop each see
             # the assignments the others made.
             now = time.monotonic()
+            if held is None and hashes:
+                held = self._recent.held(hashes, replica_ids) or None
+                local = held is not None
+            elif hashes and self.params.index_lag_s > 0:  # what the holders have not published yet
+                for rid, blocks in self._recent.held(hashes, replica_ids, now - self.params.index_lag_s).items():
+                    if blocks > held.get(rid, 0):
+                        held[rid] = blocks
             self._expire(now)
             reqs, work = self._loads(replica_ids, stats)
             order = self._pow2(work) if policy == "pow2" and n > 1 else self._rank(replica_ids, reqs, work, held or {})
         if req is not None:
             best = replica_ids[order[0]]
-            if hashes:
-                self._recent.record(hashes, best, time.monotonic())
+            if hashes:  # only the prefix policy hashes, after reading `now`
+                self._recent.record(hashes, best, now)
             if request_id is not None:
                 self._assign(request_id, best, req, held or {}, hashes)
             self._record(req, best, held, local)
