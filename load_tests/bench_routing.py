@@ -153,7 +153,7 @@ def working_set_blocks(wl, tokenizer, block_size: int) -> int:
     return total
 
 
-def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int, args) -> dict:
+def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int, args, rnd: int = 0) -> dict:
     import redis as redis_lib
     from ray import serve
 
@@ -212,11 +212,20 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"run_{policy}.json").write_text(run.model_dump_json())
+        (out / f"run_{policy}{f'_r{rnd + 1}' if rnd else ''}.json").write_text(run.model_dump_json())
     print(f"[{policy}] " + json.dumps({k: v for k, v in result.items() if k not in ("prompt_tokens_by_replica",
                                                                                   "inflight_by_replica")},
                                       default=lambda x: round(x, 3)), flush=True)
     return result
+
+
+def run_rounds(policies: list[str], rounds: int, run_one, results: list[dict], on_result) -> None:
+    """Every policy once per round, the order rotated each round (no policy always first on a cold box);
+    `on_result` after each, so a run cut short keeps what it measured."""
+    for rnd in range(rounds):
+        for policy in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
+            results.append({"round": rnd, **run_one(policy, rnd)})
+            on_result()
 
 
 def table(results: list[dict]) -> str:
@@ -314,19 +323,25 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     results = []
+    report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_start": load_start, "args": vars(args),
+              "results": results}
+
+    def save(complete: bool) -> None:
+        if args.out:  # after every policy too, so a run cut short keeps what it measured
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            report.update(complete=complete, load_average_end=os.getloadavg())
+            (Path(args.out) / "results.json").write_text(json.dumps(report, indent=1, default=str))
+
+    policies = args.policies.split(",")
     try:
-        policies = args.policies.split(",")
         with EmbeddedRedis() as redis:
-            for rnd in range(args.rounds):
-                for policy in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
-                    results.append({"round": rnd, **run_policy(policy, model_dir, redis, base, metrics_port, args)})
+            run_rounds(policies, args.rounds, lambda policy, rnd: run_policy(policy, model_dir, redis, base,
+                                                                             metrics_port, args, rnd),
+                       results, lambda: save(complete=False))
     finally:
         serve.shutdown()
         ray.shutdown()
-    report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_start": load_start,
-              "load_average_end": os.getloadavg(), "args": vars(args),
-              "results": results}
     md = table(results) if args.rounds == 1 else table(medians(results, policies)) + "\n\nEach round:\n\n" + table(results)
     from load_tests.standard import routing_targets
     rows = results if args.rounds == 1 else medians(results, policies)
@@ -337,10 +352,8 @@ def main(argv=None) -> int:
                "prefix busiest/mean in-flight {prefix_busiest_over_mean_inflight:.2f} (≤ 1.5)".format(**targets))
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "results.md").write_text(md + "\n")
+        save(complete=True)
+        (Path(args.out) / "results.md").write_text(md + "\n")
     return 0
 
 

@@ -57,3 +57,20 @@ def test_config_overrides_reach_every_policy_app():
     cfg = bench_routing.make_config("/m", "redis://127.0.0.1:1", "ray_prefix", args)
     assert (cfg.router.policy, cfg.router.balance_slack, cfg.engine.max_num_seqs) == ("prefix", 8, 4)
     assert cfg.router.prefix_weight == 2.0  # the config's default when --prefix-weight is not given
+
+
+def test_rounds_rotate_the_order_and_keep_each_result_as_it_comes():
+    ran, saved, results = [], [], []
+
+    def run_one(policy, rnd):
+        if len(ran) == 4:
+            raise KeyboardInterrupt  # the run is cut short in round 2
+        ran.append((policy, rnd))
+        return {"policy": policy}
+
+    try:
+        bench_routing.run_rounds(["a", "b", "c"], 2, run_one, results, lambda: saved.append(len(results)))
+    except KeyboardInterrupt:
+        pass
+    assert ran == [("a", 0), ("b", 0), ("c", 0), ("b", 1)]
+    assert saved == [1, 2, 3, 4] and [r["round"] for r in results] == [0, 0, 0, 1]
