@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from replicas.engine import gemv
 from replicas.engine.fused import fused
 
 
@@ -78,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(_read(sl, 0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gemv.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -141,7 +142,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(_read(sl, 1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(gemv.linear(x, self.weight))
         # Bias after the reduction, or it would be added tp.size times.
         return y if self.bias is None else y + self.bias
 
@@ -176,7 +177,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocab rows, gathered to the full (unpadded) vocab."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        linear = gemv.linear if gemv.LM_HEAD else F.linear
+        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight))
         return logits[..., :self.vocab_size]
 
 

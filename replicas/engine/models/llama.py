@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from replicas.engine import gemv
 from replicas.engine.attention import AttentionMetadata, paged_attention
 from replicas.engine.fused import fused
 from replicas.engine.models.args import ModelArgs
@@ -32,7 +33,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # views into the pool, set by the model runner
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(
+        return self.attend(positions, self.qkv_proj(x), meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the qkv projection: q/k norm, rotary, paged attention, o_proj."""
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -70,6 +75,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, positions, x, residual, meta):
+        if gemv.applies(x, self.mlp.gate_up_proj.weight):
+            return self._forward_gemv(positions, x, residual, meta)
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -78,6 +85,18 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def _forward_gemv(self, positions, x, residual, meta):
+        """Decode rows on GPU: the norms ride in the qkv and gate_up GEMVs' prologues (with the residual add),
+        SiLU-and-mul in gate_up's epilogue (`replicas.engine.kernels.gemv`). Same arithmetic as `forward`."""
+        from replicas.engine.kernels.gemv import norm_linear
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = norm_linear(x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        x = attn.attend(positions, qkv, meta)
+        h, residual = norm_linear(x, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                                  silu=True)
+        return mlp.down_proj(h), residual
 
 
 class Backbone(nn.Module):

@@ -1,0 +1,32 @@
+"""Which matmuls take the Triton GEMV path (`replicas.engine.kernels.gemv`): CUDA inputs of at most `MAX_M`
+rows (decode batches), 2-D, contiguous last dims, float weights. Everything else (CPU, prefill, mixed steps)
+keeps F.linear and the separate norm / SiLU-mul stages, which stay the reference.
+
+LLMC_GEMV=0 turns the path off (A/B timing, debugging); LLMC_GEMV_MAX_M sets the largest row count it takes.
+LLMC_NO_FUSION=1 turns it off too (it is a fusion).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = os.environ.get("LLMC_GEMV", "1") not in ("", "0") and os.environ.get("LLMC_NO_FUSION", "") in ("", "0")
+MAX_M = int(os.environ.get("LLMC_GEMV_MAX_M", "1"))
+# The LM head (vocab rows): its own switch, since cuBLAS may stream a matrix this tall as well.
+LM_HEAD = os.environ.get("LLMC_GEMV_LM_HEAD", "1") not in ("", "0")
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and x.dtype in _DTYPES
+            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the GEMV kernel where `applies`."""
+    if x.dim() == 2 and applies(x, weight):
+        from replicas.engine.kernels.gemv import gemv
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,162 @@
+"""Triton GEMV for a few rows (decode batches): y = x W^T with W [N, K] row-major, no split-K, and two fusions
+that save launches per layer:
+
+- `norm_linear`: the residual add and RMSNorm of the pre-norm block in the prologue. Every program recomputes
+  the rstd of its input rows (K values each, read from L2), normalises each K-chunk as it goes, and program 0
+  writes the new residual (x + residual). Same rounding as `models/layers.py`'s `_add_rms_norm` / `_rms_norm`.
+- `silu=True`: the gate/up projection with SiLU-and-mul in the epilogue. W holds [gate rows | up rows]
+  (MergedColumnParallelLinear's layout, unchanged); each program computes matching gate and up rows and writes
+  silu(gate) * up, rounded like `models/llama.py`'s `_silu_and_mul`.
+
+One row (M == 1) multiplies and sums in registers; 2..16 rows go through tl.dot with the rows padded to 16.
+Every program streams BLOCK_N whole rows of W: a grid of N / BLOCK_N programs, no partial sums, no reduce
+kernel. Routing (which calls take this path) lives in `replicas.engine.gemv`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES: tl.constexpr):
+    m2 = m_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m2, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=m2, other=0.0)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+                 M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_off, eps,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_kb = tl.arange(0, BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+
+    if NORM:
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_kb
+            k_ok = offs_k < K
+            x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(res_out_ptr + offs_m[:, None] * stride_rom + offs_k[None, :], x,
+                             mask=m_ok[:, None] & k_ok[None, :])
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        rstd = tl.rsqrt(ss / K + eps)
+
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SILU:
+        w_rows2 = w_ptr + (up_off + offs_n).to(tl.int64)[:, None] * stride_wn
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_kb
+        k_ok = offs_k < K
+        x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
+        if NORM:
+            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * rstd[:, None]).to(dtype) * nw[None, :]
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        if SILU:
+            if EVEN_K and EVEN_N:
+                w2 = tl.load(w_rows2 + offs_k[None, :], eviction_policy="evict_first")
+            else:
+                w2 = tl.load(w_rows2 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                             eviction_policy="evict_first")
+        if BLOCK_M == 1:
+            xf = x.to(tl.float32)
+            acc += tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            if SILU:
+                acc2 += tl.sum(xf[:, None, :] * w2.to(tl.float32)[None, :, :], 2)
+        else:
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                if SILU:
+                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+                if SILU:
+                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if SILU:
+        if HAS_BIAS:
+            acc2 += tl.load(b_ptr + up_off + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        g = y.to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g))).to(dtype) * acc2.to(dtype)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_N, BLOCK_K, num_warps) for one row, by (N, K); measured on H100/H200 (load_tests/bench_gemv.py).
+# Anything not listed takes DEFAULT_CONFIG.
+DEFAULT_CONFIG = (8, 512, 4)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+# LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes) overrides the table.
+if os.environ.get("LLMC_GEMV_CONFIGS"):
+    with open(os.environ["LLMC_GEMV_CONFIGS"]) as _f:
+        CONFIGS.update({tuple(map(int, key.split(","))): tuple(v) for key, v in json.load(_f).items()})
+# More rows (tl.dot, BLOCK_M 16): BLOCK_N >= 16.
+DEFAULT_CONFIG_DOT = (16, 256, 4)
+
+
+def config_for(m: int, n: int, k: int) -> tuple[int, int, int]:
+    if m == 1:
+        return CONFIGS.get((n, k), DEFAULT_CONFIG)
+    return DEFAULT_CONFIG_DOT
+
+
+def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
+    assert x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1
+    m, k = x.shape
+    rows = weight.shape[0] // 2 if silu else weight.shape[0]
+    assert weight.shape[1] == k and m <= 16
+    out = torch.empty((m, rows), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else x
+    if residual is not None:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+    bn, bk, warps = config or config_for(m, rows, k)
+    bm = 1 if m == 1 else 16
+    grid = (triton.cdiv(rows, bn),)
+    _gemv_kernel[grid](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
+        bias if bias is not None else x, out, res_out,
+        m, rows, k, x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0), out.stride(0),
+        res_out.stride(0), rows if silu else 0, eps,
+        NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_BIAS=bias is not None, SILU=silu,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=rows % bn == 0,
+        IEEE=x.dtype == torch.float32, num_warps=warps)
+    return out, res_out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False,
+         config=None) -> torch.Tensor:
+    """F.linear(x, weight, bias) (then silu_and_mul when `silu`) for x [M <= 16, K]."""
+    return _launch(x, None, None, 0.0, weight, bias, silu, config)[0]
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False, config=None):
+    """(linear(rms_norm(x + residual)), x + residual); without `residual`: (linear(rms_norm(x)), x)."""
+    out, res_out = _launch(x, residual, norm_weight, eps, weight, bias, silu, config)
+    return out, res_out
