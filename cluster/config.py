@@ -67,15 +67,9 @@ class AutoscalingSettings(_Section):
         return self
 
 
-class RouterSettings(_Section):
+class RoutingKnobs(_Section):
+    """The replica-choice knobs an operator sets; the router's own RoutingParams extend these (one definition)."""
     policy: Literal["round_robin", "pow2", "prefix"] = "prefix"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    num_router_replicas: int = Field(1, ge=1)
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_queued_requests: int = Field(1024, ge=1, description="Admission: waiting requests across replicas before 429.")
-    max_attempts: int = Field(3, ge=1, description="Replicas tried per request (failover).")
     # A lookup takes ~0.1 ms on an idle box, but a CPU-saturated host delays the client by tens of
     # ms; past the timeout a request routes by load, and a breaker skips Redis briefly after a miss.
     redis_timeout_ms: float = Field(25.0, gt=0)
@@ -85,6 +79,16 @@ class RouterSettings(_Section):
     balance_slack: float = Field(4.0, ge=0, description="Prefix policy: requests a replica may run above the mean "
                                  "and still be preferred for its cache ...")
     balance_ratio: float = Field(0.25, ge=0, description="... or this fraction of the mean, if larger.")
+
+
+class RouterSettings(RoutingKnobs):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_router_replicas: int = Field(1, ge=1)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_queued_requests: int = Field(1024, ge=1, description="Admission: waiting requests across replicas before 429.")
+    max_attempts: int = Field(3, ge=1, description="Replicas tried per request (failover).")
 
 
 class ClusterConfig(_Section):

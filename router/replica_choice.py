@@ -38,10 +38,11 @@ import random
 import time
 import weakref
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cluster.config import RoutingKnobs
 from kvstore.hashing import block_hashes, extra_key
 from replicas.protocol import GenerationRequest
 from router.recent_routes import RecentRoutes
@@ -56,23 +57,16 @@ METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_tota
            "llmc_router_prefix_hit_tokens_total", "llmc_router_index_lookup_seconds", "llmc_redis_fallbacks_total")
 
 
-class RoutingParams(BaseModel):
-    """The router's knobs; shipped as `request_router_kwargs` (JSON) by `router.routing.router_config`."""
-    model_config = ConfigDict(extra="forbid")
-
-    policy: Literal["round_robin", "pow2", "prefix"] = "prefix"
+class RoutingParams(RoutingKnobs):
+    """The router's knobs: the operator's (cluster.config.RoutingKnobs) and what the deployment fills in;
+    shipped as `request_router_kwargs` (JSON) by `router.routing.router_config`."""
     model_id: str = Field(description="Served model id: the prefix index namespace and block-hash extra key.")
     block_size: int = Field(16, ge=1)
     redis_url: str | None = None
-    redis_timeout_ms: float = Field(25.0, gt=0)
     redis_breaker_s: float = Field(0.25, gt=0, description="After a failed lookup, route by load this long "
                                    "before asking the index again (a hung Redis then costs one timeout per period).")
-    prefix_weight: float = Field(2.0, ge=0, description="Value of one cached token vs one queued token.")
     request_cost_tokens: float = Field(16.0, ge=0, description="Queued work of one waiting/running request "
                                        "beyond its pending prefill, in prefill tokens.")
-    balance_slack: float = Field(4.0, ge=0, description="Requests a candidate may run above the candidates' "
-                                 "mean and still be preferred for its cache ...")
-    balance_ratio: float = Field(0.25, ge=0, description="... or this fraction of the mean, if larger.")
     recent_blocks: int = Field(32768, ge=0, description="Block hashes of this router's own recent decisions "
                                "kept as its prefix estimate for when the index does not answer (0: off).")
     index_lag_s: float = Field(2.0, ge=0, description="How long this router's own decisions count as prefix "

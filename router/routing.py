@@ -28,10 +28,10 @@ def router_config(cfg: "ClusterConfig"):
 
     from cluster.model_prep import served_model_id
 
-    params = RoutingParams(policy=cfg.router.policy, model_id=served_model_id(cfg.engine),
-                           block_size=cfg.engine.block_size, redis_url=cfg.redis_url,
-                           redis_timeout_ms=cfg.router.redis_timeout_ms, prefix_weight=cfg.router.prefix_weight,
-                           balance_slack=cfg.router.balance_slack, balance_ratio=cfg.router.balance_ratio)
+    from cluster.config import RoutingKnobs
+    params = RoutingParams(**cfg.router.model_dump(include=set(RoutingKnobs.model_fields)),
+                           model_id=served_model_id(cfg.engine), block_size=cfg.engine.block_size,
+                           redis_url=cfg.redis_url)
     return RequestRouterConfig(request_router_class=KVAwareRouter, request_router_kwargs=params.model_dump(),
                                request_routing_stats_period_s=STATS_PERIOD_S)
 
