@@ -36,6 +36,9 @@ for s in ${STEPS:-env tests build tp1 tp2 tp2_nccl compare}; do
              "from pathlib import Path; from load_tests.bench_gpu import build_model; build_model('llama3-8b', Path('$M'))" ;;
     # tp 1: decode, cached-prefix TTFT, and the teacher-forced reference (transformers fp32 after our engine).
     tp1) step tp1 240 $bench --sections teacher,decode,ttft --out-dir "$OUT/tp1" ;;
+    # All single-GPU figures (parity, decode, TTFT, the 256-request workload), then the peers on the same GPU.
+    single) step single 420 $bench --sections parity,decode,ttft,workload --out-dir "$OUT/single" ;;
+    peers) step peers 420 env SIZE=8b RESULTS_DIR="$OUT/single" python3 load_tests/peer_engines.py ;;
     # Same-run peer of the TTFT figure: small mixed steps eager (no mixed-step graphs).
     ttft_eager) LLMC_MIXED_GRAPHS=0 step ttft_eager 150 $bench --sections ttft --out-dir "$OUT/ttft_eager" ;;
     # tp 2 with CUDA graphs and the one-shot all-reduce; its exit code shows a clean shutdown.
