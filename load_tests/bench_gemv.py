@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 H, I, QKV, V = 4096, 14336, 6144, 128256
 SHAPES = {"qkv": (QKV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I), "lm_head": (V, H)}
-CONFIGS_1 = [(4, 512, 2), (4, 1024, 4), (4, 2048, 8), (4, 1024, 2), (4, 2048, 4),
+CONFIGS_1 = [(2, 1024, 2), (2, 2048, 4), (2, 4096, 8), (4, 4096, 8), (4, 4096, 16), (8, 4096, 16), (4, 512, 2), (4, 1024, 4), (4, 2048, 8), (4, 1024, 2), (4, 2048, 4),
              (8, 512, 4), (8, 1024, 4), (8, 512, 2), (8, 1024, 8), (8, 2048, 8),
              (16, 256, 4), (16, 512, 4), (16, 512, 8), (16, 1024, 8),
              (32, 256, 8), (32, 256, 4), (32, 512, 8)]
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
                 return fused_ops.silu_and_mul(y) if silu else y
             ref = unfused(ws[0]).float()
             row = {"unfused_us": round(graph_time_us([lambda w=w: unfused(w) for w in ws]), 2)}
-            cfgs = CONFIGS_1 if not silu else [c for c in CONFIGS_1 if c[0] * c[1] // (32 * c[2]) <= 32]
+            cfgs = CONFIGS_1 if not silu else [c for c in CONFIGS_1 if c[0] * c[1] // (32 * c[2]) <= 64]
             sweep = {}
             for cfg in cfgs:
                 try:
@@ -183,29 +183,32 @@ def main(argv=None) -> dict:
             layers.append({nm: torch.randn(*SHAPES[nm], device=dev, dtype=dt) * 0.02
                            for nm in ("qkv", "o", "gate_up", "down")} | {"n1": torch.randn(H, device=dev, dtype=dt),
                                                                            "n2": torch.randn(H, device=dev, dtype=dt)})
-        xs, rs = torch.randn(1, H, device=dev, dtype=dt), torch.randn(1, H, device=dev, dtype=dt)
+        res["layer"] = {}
+        for m in (1, 4, 8):
+            xs, rs = torch.randn(m, H, device=dev, dtype=dt), torch.randn(m, H, device=dev, dtype=dt)
 
-        def cublas_layer(L):
-            h, r = fused_ops.add_rms_norm(xs, rs, L["n1"], eps)
-            qkv = F.linear(h, L["qkv"])
-            o = F.linear(qkv[:, :H], L["o"])
-            h, r = fused_ops.add_rms_norm(o, r, L["n2"], eps)
-            return F.linear(fused_ops.silu_and_mul(F.linear(h, L["gate_up"])), L["down"])
+            def cublas_layer(L):
+                h, r = fused_ops.add_rms_norm(xs, rs, L["n1"], eps)
+                qkv = F.linear(h, L["qkv"])
+                o = F.linear(qkv[:, :H].contiguous(), L["o"])
+                h, r = fused_ops.add_rms_norm(o, r, L["n2"], eps)
+                return F.linear(fused_ops.silu_and_mul(F.linear(h, L["gate_up"])), L["down"])
 
-        def gemv_layer(L):
-            qkv, r = norm_linear(xs, rs, L["n1"], eps, L["qkv"])
-            o = gemv(qkv[:, :H], L["o"])
-            h, r = norm_linear(o, r, L["n2"], eps, L["gate_up"], silu=True)
-            return gemv(h, L["down"])
-        a = graph_time_us([lambda L=L: cublas_layer(L) for L in layers])
-        b = graph_time_us([lambda L=L: gemv_layer(L) for L in layers])
-        nbytes = sum(SHAPES[nm][0] * SHAPES[nm][1] * 2 for nm in ("qkv", "o", "gate_up", "down"))
-        res["layer"] = {"cublas_plus_triton_norm_silu_us": round(a, 2), "gemv_fused_us": round(b, 2),
-                        "weight_MB": round(nbytes / 1e6, 1), "cublas_GBps": round(nbytes / a / 1e3, 1),
-                        "gemv_GBps": round(nbytes / b / 1e3, 1),
-                        "configs": {nm: config_for(1, *SHAPES[nm]) for nm in SHAPES} | {
-                            "gate_up(silu)": config_for(1, I, H)}}
-        log("layer", json.dumps(res["layer"]))
+            def gemv_layer(L):
+                qkv, r = norm_linear(xs, rs, L["n1"], eps, L["qkv"])
+                o = gemv(qkv[:, :H].contiguous(), L["o"])
+                h, r = norm_linear(o, r, L["n2"], eps, L["gate_up"], silu=True)
+                return gemv(h, L["down"])
+            a = graph_time_us([lambda L=L: cublas_layer(L) for L in layers])
+            b = graph_time_us([lambda L=L: gemv_layer(L) for L in layers])
+            nbytes = sum(SHAPES[nm][0] * SHAPES[nm][1] * 2 for nm in ("qkv", "o", "gate_up", "down"))
+            row = {"cublas_plus_triton_norm_silu_us": round(a, 2), "gemv_fused_us": round(b, 2),
+                   "weight_MB": round(nbytes / 1e6, 1), "cublas_GBps": round(nbytes / a / 1e3, 1),
+                   "gemv_GBps": round(nbytes / b / 1e3, 1), "gemv_vs_cublas": round(b / a, 3),
+                   "configs": {nm: config_for(m, *SHAPES[nm]) for nm in SHAPES} | {
+                       "gate_up(silu)": config_for(m, I, H)}}
+            res["layer"][f"M{m}"] = row
+            log(f"layer M={m}", json.dumps(row))
         del layers
         torch.cuda.empty_cache()
         save()

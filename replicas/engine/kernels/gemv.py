@@ -32,11 +32,29 @@ def _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HA
 
 
 @triton.jit
+def _load_w(w_rows, offs_k, n_ok, k_ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _dot(x, w, acc, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T."""
+    if BLOCK_M == 1:
+        return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    if IEEE:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
                  M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_off, eps,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr, ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -45,57 +63,58 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     offs_kb = tl.arange(0, BLOCK_K)
     dtype = x_ptr.dtype.element_ty
 
-    if NORM:
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if SILU:
+        w_rows2 = w_ptr + (up_off + offs_n).to(tl.int64)[:, None] * stride_wn
+    if ONE_PASS:
+        # K <= BLOCK_K: the input rows are read once, their rstd taken, and the weights loaded in one go.
+        k_ok = offs_kb < K
+        w = _load_w(w_rows, offs_kb, n_ok, k_ok, EVEN_K and EVEN_N)
+        if SILU:
+            w2 = _load_w(w_rows2, offs_kb, n_ok, k_ok, EVEN_K and EVEN_N)
+        x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_kb, k_ok, HAS_RES)
+        if NORM:
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(res_out_ptr + offs_m[:, None] * stride_rom + offs_kb[None, :], x,
+                             mask=m_ok[:, None] & k_ok[None, :])
+            xf = x.to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(xf * xf, 1) / K + eps)
+            nw = tl.load(nw_ptr + offs_kb, mask=k_ok, other=0.0)
+            x = (xf * rstd[:, None]).to(dtype) * nw[None, :]
+        acc = _dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_M, IEEE)
+        if SILU:
+            acc2 = _dot(x, w2, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_M, IEEE)
+    else:
+        if NORM:
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + offs_kb
+                k_ok = offs_k < K
+                x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
+                if HAS_RES:
+                    if pid == 0:
+                        tl.store(res_out_ptr + offs_m[:, None] * stride_rom + offs_k[None, :], x,
+                                 mask=m_ok[:, None] & k_ok[None, :])
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, 1)
+            rstd = tl.rsqrt(ss / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SILU:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + offs_kb
             k_ok = offs_k < K
-            x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
-            if HAS_RES:
-                if pid == 0:
-                    tl.store(res_out_ptr + offs_m[:, None] * stride_rom + offs_k[None, :], x,
-                             mask=m_ok[:, None] & k_ok[None, :])
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-        rstd = tl.rsqrt(ss / K + eps)
-
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if SILU:
-        w_rows2 = w_ptr + (up_off + offs_n).to(tl.int64)[:, None] * stride_wn
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_kb
-        k_ok = offs_k < K
-        x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
-        if NORM:
-            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
-            x = (x.to(tl.float32) * rstd[:, None]).to(dtype) * nw[None, :]
-        if EVEN_K and EVEN_N:
-            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-        if SILU:
-            if EVEN_K and EVEN_N:
-                w2 = tl.load(w_rows2 + offs_k[None, :], eviction_policy="evict_first")
-            else:
-                w2 = tl.load(w_rows2 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                             eviction_policy="evict_first")
-        if BLOCK_M == 1:
-            xf = x.to(tl.float32)
-            acc += tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            w = _load_w(w_rows, offs_k, n_ok, k_ok, EVEN_K and EVEN_N)
             if SILU:
-                acc2 += tl.sum(xf[:, None, :] * w2.to(tl.float32)[None, :, :], 2)
-        else:
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-                if SILU:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-                if SILU:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+                w2 = _load_w(w_rows2, offs_k, n_ok, k_ok, EVEN_K and EVEN_N)
+            x = _load_x(x_ptr, res_ptr, stride_xm, stride_rm, offs_m, m_ok, offs_k, k_ok, HAS_RES)
+            if NORM:
+                nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
+                x = (x.to(tl.float32) * rstd[:, None]).to(dtype) * nw[None, :]
+            acc = _dot(x, w, acc, BLOCK_M, IEEE)
+            if SILU:
+                acc2 = _dot(x, w2, acc2, BLOCK_M, IEEE)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -108,22 +127,30 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps) for one row, by (N, K); measured on H100/H200 (load_tests/bench_gemv.py).
-# Anything not listed takes DEFAULT_CONFIG.
-DEFAULT_CONFIG = (8, 512, 4)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
-# LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes) overrides the table.
+# (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K), from load_tests/bench_gemv.py's sweeps on an H100
+# (2026-11-21; docs/bench-gpu/h100-gemv-*.json): narrow row blocks with long K blocks keep the most bytes in flight.
+# The qkv and gate_up (SiLU: 14336 row pairs) entries were picked with their norm prologue on.
+# Anything not listed takes the default.
+DEFAULT_CONFIG = (4, 2048, 8)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (6144, 4096): (8, 1024, 4), (4096, 4096): (4, 2048, 8), (14336, 4096): (4, 2048, 8),
+    (28672, 4096): (4, 2048, 8), (4096, 14336): (4, 1024, 2), (128256, 4096): (4, 2048, 8)}
+# 2..16 rows (tl.dot, rows padded to 16): BLOCK_N >= 16.
+DEFAULT_CONFIG_DOT = (16, 512, 4)
+CONFIGS_DOT: dict[tuple[int, int], tuple[int, int, int]] = {
+    (6144, 4096): (32, 256, 4), (4096, 4096): (16, 512, 4), (14336, 4096): (32, 128, 4),
+    (28672, 4096): (32, 128, 4), (4096, 14336): (16, 512, 4)}
+# LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes) overrides the
+# one-row table.
 if os.environ.get("LLMC_GEMV_CONFIGS"):
     with open(os.environ["LLMC_GEMV_CONFIGS"]) as _f:
         CONFIGS.update({tuple(map(int, key.split(","))): tuple(v) for key, v in json.load(_f).items()})
-# More rows (tl.dot, BLOCK_M 16): BLOCK_N >= 16.
-DEFAULT_CONFIG_DOT = (16, 256, 4)
 
 
 def config_for(m: int, n: int, k: int) -> tuple[int, int, int]:
     if m == 1:
         return CONFIGS.get((n, k), DEFAULT_CONFIG)
-    return DEFAULT_CONFIG_DOT
+    return CONFIGS_DOT.get((n, k), DEFAULT_CONFIG_DOT)
 
 
 def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
@@ -145,7 +172,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
         res_out.stride(0), rows if silu else 0, eps,
         NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_BIAS=bias is not None, SILU=silu,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=rows % bn == 0,
-        IEEE=x.dtype == torch.float32, num_warps=warps)
+        IEEE=x.dtype == torch.float32, ONE_PASS=k <= bk, num_warps=warps)
     return out, res_out
 
 
