@@ -128,13 +128,13 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
 
 
 # (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K), from load_tests/bench_gemv.py's sweeps on an H100
-# (2026-11-21; docs/bench-gpu/h100-gemv-*.json): narrow row blocks with long K blocks keep the most bytes in flight.
-# The qkv and gate_up (SiLU: 14336 row pairs) entries were picked with their norm prologue on.
-# Anything not listed takes the default.
-DEFAULT_CONFIG = (4, 2048, 8)
+# (2026-11-21; docs/bench-gpu/h100-gemv-sweep*.json): two rows per program with the whole 4096-wide K in one
+# block keeps the most bytes in flight (and reads the norm's input once). The qkv and gate_up (SiLU: 14336 row
+# pairs) entries were picked with their norm prologue on. Anything not listed takes the default.
+DEFAULT_CONFIG = (4, 1024, 4)
 CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (6144, 4096): (8, 1024, 4), (4096, 4096): (4, 2048, 8), (14336, 4096): (4, 2048, 8),
-    (28672, 4096): (4, 2048, 8), (4096, 14336): (4, 1024, 2), (128256, 4096): (4, 2048, 8)}
+    (6144, 4096): (2, 4096, 8), (4096, 4096): (2, 4096, 8), (14336, 4096): (2, 4096, 8),
+    (28672, 4096): (2, 4096, 8), (4096, 14336): (2, 1024, 2), (128256, 4096): (2, 4096, 8)}
 # 2..16 rows (tl.dot, rows padded to 16): BLOCK_N >= 16.
 DEFAULT_CONFIG_DOT = (16, 512, 4)
 CONFIGS_DOT: dict[tuple[int, int], tuple[int, int, int]] = {
@@ -164,6 +164,8 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
         assert residual.shape == x.shape and residual.stride(-1) == 1
     bn, bk, warps = config or config_for(m, rows, k)
     bm = 1 if m == 1 else 16
+    if bm > 1 and x.dtype == torch.float32:
+        bk = min(bk, 128)  # fp32 tl.dot tiles, pipelined, would overflow shared memory
     grid = (triton.cdiv(rows, bn),)
     _gemv_kernel[grid](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
