@@ -176,8 +176,10 @@ def main(argv=None) -> dict:
     if "layer" in sections:
         from replicas.engine.kernels import gemv as gemv_mod
         if "configs" in res:
-            gemv_mod.CONFIGS.update({tuple(map(int, c.split(","))): tuple(v) for c, v in res["configs"].items()})
-        config_for = gemv_mod.config_for
+            gemv_mod.OVERRIDES.update({tuple(map(int, c.split(","))): tuple(v) for c, v in res["configs"].items()})
+            gemv_mod.one_row_table.cache_clear()
+        name = torch.cuda.get_device_name()
+        config_for = lambda m, n, k: gemv_mod.config_for(m, n, k, name)  # noqa: E731
         layers = []
         for _ in range(8):
             layers.append({nm: torch.randn(*SHAPES[nm], device=dev, dtype=dt) * 0.02

@@ -107,3 +107,19 @@ def test_decoder_layer_gemv_path_matches_plain_path(dtype, m, monkeypatch):
     for (yf, rf), (yp, rp) in zip(fused, plain):
         assert _err(rf, rp) < _tol(dtype)  # attention output + residual: o_proj's rounding may differ
         assert _err(yf, yp) < _tol(dtype)
+
+
+@cuda
+def test_block_sizes_follow_the_device(monkeypatch):
+    from replicas.engine.kernels import gemv as kernels
+    assert kernels.config_for(1, 6144, 4096, "NVIDIA H100 80GB HBM3") == kernels.CONFIGS[(6144, 4096)]
+    assert kernels.config_for(1, 6144, 4096, "NVIDIA H200") == kernels.DEVICE_CONFIGS["H200"][(6144, 4096)]
+    assert kernels.config_for(1, 14336, 4096, "NVIDIA H200") == kernels.CONFIGS[(14336, 4096)]  # not in its sweep
+    assert kernels.config_for(1, 77, 4096, "NVIDIA H200") == kernels.DEFAULT_CONFIG
+    monkeypatch.setitem(kernels.OVERRIDES, (6144, 4096), (8, 512, 4))  # a sweep's result has the last word
+    kernels.one_row_table.cache_clear()
+    try:
+        assert kernels.config_for(1, 6144, 4096, "NVIDIA H200") == (8, 512, 4)
+    finally:
+        monkeypatch.undo()
+        kernels.one_row_table.cache_clear()

@@ -14,6 +14,7 @@ kernel. Routing (which calls take this path) lives in `replicas.engine.gemv`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -140,16 +141,37 @@ DEFAULT_CONFIG_DOT = (16, 512, 4)
 CONFIGS_DOT: dict[tuple[int, int], tuple[int, int, int]] = {
     (6144, 4096): (32, 256, 4), (4096, 4096): (16, 512, 4), (14336, 4096): (32, 128, 4),
     (28672, 4096): (32, 128, 4), (4096, 14336): (16, 512, 4)}
-# LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes) overrides the
-# one-row table.
+# Other devices: where the device's name contains the tag, its entries replace the table's. H200 (its sweep,
+# 2026-11-21, docs/bench-gpu/h200-s4-gemv.json): four rows per program, down with 2048-wide K blocks (graph
+# replay of batch-1 decode 4.67 -> 4.60 ms against the H100 table).
+DEVICE_CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int]]] = {
+    "H200": {(6144, 4096): (4, 4096, 8), (4096, 4096): (4, 4096, 8), (28672, 4096): (4, 4096, 8),
+             (4096, 14336): (4, 2048, 4), (128256, 4096): (4, 4096, 8)}}
+# Last word: LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes), or a
+# sweep's result (bench_gemv, then `one_row_table.cache_clear()`).
+OVERRIDES: dict[tuple[int, int], tuple[int, int, int]] = {}
 if os.environ.get("LLMC_GEMV_CONFIGS"):
     with open(os.environ["LLMC_GEMV_CONFIGS"]) as _f:
-        CONFIGS.update({tuple(map(int, key.split(","))): tuple(v) for key, v in json.load(_f).items()})
+        OVERRIDES.update({tuple(map(int, key.split(","))): tuple(v) for key, v in json.load(_f).items()})
 
 
-def config_for(m: int, n: int, k: int) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=None)
+def one_row_table(device_name: str) -> dict[tuple[int, int], tuple[int, int, int]]:
+    table = dict(CONFIGS)
+    for tag, entries in DEVICE_CONFIGS.items():
+        if tag in device_name:
+            table.update(entries)
+    return table | OVERRIDES
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def config_for(m: int, n: int, k: int, device_name: str = "") -> tuple[int, int, int]:
     if m == 1:
-        return CONFIGS.get((n, k), DEFAULT_CONFIG)
+        return one_row_table(device_name).get((n, k), DEFAULT_CONFIG)
     return CONFIGS_DOT.get((n, k), DEFAULT_CONFIG_DOT)
 
 
@@ -162,7 +184,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
     res_out = torch.empty_like(x) if residual is not None else x
     if residual is not None:
         assert residual.shape == x.shape and residual.stride(-1) == 1
-    bn, bk, warps = config or config_for(m, rows, k)
+    bn, bk, warps = config or config_for(m, rows, k, _device_name(x.device.index))
     bm = 1 if m == 1 else 16
     if bm > 1 and x.dtype == torch.float32:
         bk = min(bk, 128)  # fp32 tl.dot tiles, pipelined, would overflow shared memory
