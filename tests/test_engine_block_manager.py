@@ -92,6 +92,17 @@ def test_fully_cached_prompt_still_computes_its_last_block():
     assert len(bm.lookup(again)) == 1  # the block holding the last token is recomputed
 
 
+def test_fully_cached_prompt_with_router_hashes_still_computes_its_last_block():
+    # The router hashes every full block of the prompt; for a prompt that fills its last block, that
+    # hash must not count as a hit (the prompt's last token would have no logits to sample from).
+    bm = make_bm()
+    admit(bm, make_seq(range(8), "a"))
+    again = Sequence("b", 0, list(range(8)), SamplingParams(), prompt_block_hashes=block_hashes(range(8), BS, EXTRA))
+    assert len(again.block_hashes) == 2
+    assert len(bm.lookup(again)) == 1
+    assert admit(bm, again) and again.num_cached_tokens == 4 and again.num_computed_tokens == 8
+
+
 def test_unreferenced_cached_block_is_reused_by_a_hit():
     bm = make_bm()
     a = make_seq(range(9), "a")

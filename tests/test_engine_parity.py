@@ -57,6 +57,23 @@ def test_shared_prefixes_hit_cache(tiny_model_dir, hf_llama):
     assert engine.stats().prefix_hit_tokens >= 14 * 20
 
 
+def test_repeated_block_aligned_prompts_with_router_hashes(tiny_model_dir, hf_llama):
+    # The ingress sends the prompt's full-block hashes; a prompt that fills its last block, sent again
+    # (retries, identical requests), is cached whole and must still compute its last block to sample.
+    from kvstore.hashing import block_hashes
+    engine = make_engine(tiny_model_dir)
+    prompts = random_prompts(4, engine.vocab_size, 12, 12, seed=11)  # 3 full blocks of 4 each
+    hashes = [block_hashes(p, 4, engine.block_manager.extra_key) for p in prompts]
+    for rnd in range(2):
+        chunks = run_all(engine, [request(f"{rnd}-{i}", p, greedy(MAX_NEW), block_hashes=h)
+                                  for i, (p, h) in enumerate(zip(prompts, hashes))])
+        assert not engine.take_failures()
+        for i, p in enumerate(prompts):
+            assert tokens_of(chunks[f"{rnd}-{i}"]) == hf_llama.generate(p, MAX_NEW)
+    assert engine.stats().prefix_hit_tokens == 4 * 8  # round 2 only: two of each prompt's three blocks
+    _assert_no_leak(engine)
+
+
 def test_chunked_prefill_budget_smaller_than_prompt(tiny_model_dir, hf_llama):
     engine = make_engine(tiny_model_dir, max_num_batched_tokens=8)
     prompts = random_prompts(16, engine.vocab_size, 9, 45, seed=4)

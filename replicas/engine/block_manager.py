@@ -64,7 +64,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+        # The router's hashes (seq.block_hashes) cover every full block of the prompt, the last one too
+        # when the prompt fills it: only the first `n` may hit.
+        n = (seq.num_tokens - 1) // self.block_size
+        for h in self._hashes(seq, n)[:n]:
             block_id = self.cached.get(h)
             if block_id is None:
                 break
