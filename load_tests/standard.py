@@ -25,10 +25,12 @@ import contextlib
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
 import tempfile
+import traceback
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -102,8 +104,8 @@ def _wait_ready(base: str, timeout_s: float = 300) -> None:
 
 
 class _Shared:
-    """What steps share: the SmolLM2 cluster (kept up between the steps that use it, stopped before any
-    step that needs the machine to itself or a Ray instance of its own) and the tiny model."""
+    """What a step's process may need: the SmolLM2 cluster (started on first use, stopped before anything
+    that needs the machine to itself) and the tiny model."""
 
     def __init__(self, c: StandardConfig):
         self.c = c
@@ -354,11 +356,54 @@ def run_standard_suite(out_dir: str | Path, *, quick: bool = False, only: list[s
                        config: StandardConfig | None = None, progress: bool = True) -> dict:
     """Run the standard steps into out_dir; returns each step's digest (suite.json holds them too)."""
     c = config or (StandardConfig.quick() if quick else StandardConfig())
+    return run_suite(None, out_dir, [_in_own_process(step, c) for step in STEPS], only=only,
+                     meta={**machine_info(), "mode": "quick" if quick else "full"}, progress=progress)
+
+
+def _in_own_process(factory, c: StandardConfig) -> Step:
+    """The step `factory(c, shared)` builds, run in a fresh process (`factory` is a module-level function). Ray does not reliably start again in a process that has shut
+    it down (a suite died of SIGSEGV between two steps' clusters, once in five runs on the 2-core VM), and a
+    step whose process crashes loses only its own result."""
+    name = factory.__name__
+
+    def fn(_url: str | None, out: Path) -> dict:
+        ctx = multiprocessing.get_context("spawn")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_run_step_alone, args=(factory, c, out, send), name=f"llmc-suite-{name}")
+        proc.start()
+        send.close()
+        try:
+            status, payload = recv.recv()
+        except EOFError:
+            proc.join(10)
+            raise RuntimeError(f"the step's process died before reporting (exit code {proc.exitcode})") from None
+        finally:
+            recv.close()
+            proc.join(120)
+            if proc.is_alive():  # it reported but does not exit: ours to end
+                proc.kill()
+                proc.join()
+        if status == "error":
+            error, child_traceback = payload
+            raise RuntimeError(error) from _ChildTraceback(child_traceback)
+        return payload
+    return Step(name, fn)
+
+
+class _ChildTraceback(Exception):
+    """A step process's traceback, chained under the error the suite records."""
+
+
+def _run_step_alone(factory, c: StandardConfig, out: Path, send) -> None:
     # Ray's driver logging setup lets httpx log every request at INFO: thousands of lines per step.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     shared = _Shared(c)
     try:
-        return run_suite(None, out_dir, [step(c, shared) for step in STEPS], only=only,
-                         meta={**machine_info(), "mode": "quick" if quick else "full"}, progress=progress)
+        step = factory(c, shared)
+        result = ("ok", step.fn(None, out))
+    except Exception as e:  # noqa: BLE001 - reported to the suite, which records it beside the other steps
+        result = ("error", (f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
         shared.close()
+    send.send(result)
+    send.close()

@@ -12,6 +12,7 @@ import pytest
 from matplotlib.image import imread
 
 from load_tests.standard import StandardConfig
+from load_tests.suite import Step
 
 # The suite starts and stops its own Ray clusters (ray.shutdown, serve.shutdown): it runs in a child
 # process so it never touches the Ray instance other tests in this session share.
@@ -86,3 +87,37 @@ def test_quick_suite_writes_sane_reports(smollm2_dir, tmp_path):
     assert a["scale_up_decided_s"] >= c.as_phases[0].duration_s  # not before the burst began
     assert 1 <= a["peak_replicas"] <= c.as_max_replicas
     _png(tmp_path / "autoscaling" / "replicas_vs_queue.png")
+
+
+# Module-level step factories: the suite runs each step in a spawned process, which imports them from here.
+def _crashing_step(c, shared):
+    import os
+    import signal
+    return Step("_crashing_step", lambda url, out: os.kill(os.getpid(), signal.SIGSEGV))
+
+
+def _failing_step(c, shared):
+    def fn(url, out):
+        raise ValueError("bad input")
+    return Step("_failing_step", fn)
+
+
+def _good_step(c, shared):
+    import os
+    return Step("_good_step", lambda url, out: {"pid": os.getpid(), "out": str(out)})
+
+
+def test_each_step_runs_in_its_own_process_and_a_crash_loses_only_its_result(tmp_path):
+    import os
+
+    from load_tests.standard import _in_own_process
+    from load_tests.suite import run_suite
+    c = StandardConfig.quick()
+    steps = [_in_own_process(f, c) for f in (_crashing_step, _failing_step, _good_step)]
+    results = run_suite(None, tmp_path, steps, progress=False)
+    assert not results["_crashing_step"]["ok"] and "exit code -11" in results["_crashing_step"]["error"]
+    assert results["_failing_step"]["error"] == "RuntimeError: ValueError: bad input"
+    assert "raise ValueError" in results["_failing_step"]["traceback"]  # the step process's traceback
+    good = results["_good_step"]
+    assert good["ok"] and good["pid"] != os.getpid() and good["out"] == str(tmp_path / "_good_step")
+    assert json.loads((tmp_path / "suite.json").read_text())["steps"].keys() == results.keys()
