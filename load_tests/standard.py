@@ -361,9 +361,10 @@ def run_standard_suite(out_dir: str | Path, *, quick: bool = False, only: list[s
 
 
 def _in_own_process(factory, c: StandardConfig) -> Step:
-    """The step `factory(c, shared)` builds, run in a fresh process (`factory` is a module-level function). Ray does not reliably start again in a process that has shut
-    it down (a suite died of SIGSEGV between two steps' clusters, once in five runs on the 2-core VM), and a
-    step whose process crashes loses only its own result."""
+    """The step `factory(c, shared)` builds (`factory`: a module-level function), run in a fresh process.
+    Ray does not reliably start again in a process that has shut it down (a suite died of SIGSEGV between
+    two steps' clusters, once in five runs on the 2-core VM), and a step whose process crashes loses only
+    its own result."""
     name = factory.__name__
 
     def fn(_url: str | None, out: Path) -> dict:

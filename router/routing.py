@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from cluster.config import RoutingKnobs
 from replicas.protocol import GenerationRequest
 from router.replica_choice import STATS_PERIOD_S, ReplicaChooser, RoutingParams
 
@@ -28,7 +29,6 @@ def router_config(cfg: "ClusterConfig"):
 
     from cluster.model_prep import served_model_id
 
-    from cluster.config import RoutingKnobs
     params = RoutingParams(**cfg.router.model_dump(include=set(RoutingKnobs.model_fields)),
                            model_id=served_model_id(cfg.engine), block_size=cfg.engine.block_size,
                            redis_url=cfg.redis_url)

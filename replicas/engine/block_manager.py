@@ -8,6 +8,7 @@ and evicted from the cache are recorded as hash lists that the engine hands to i
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 
 from kvstore.hashing import ROOT_HASH, hash_block
 from replicas.engine.sequence import Sequence
@@ -67,7 +68,7 @@ class BlockManager:
         # The router's hashes (seq.block_hashes) cover every full block of the prompt, the last one too
         # when the prompt fills it: only the first `n` may hit.
         n = (seq.num_tokens - 1) // self.block_size
-        for h in self._hashes(seq, n)[:n]:
+        for h in islice(self._hashes(seq, n), n):
             block_id = self.cached.get(h)
             if block_id is None:
                 break

@@ -28,7 +28,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the GEMV kernel where `applies`."""
-    if x.dim() == 2 and applies(x, weight):
+    if applies(x, weight):
         from replicas.engine.kernels.gemv import gemv
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
