@@ -26,15 +26,18 @@ async def test_ttft_itl_tpot_and_tokens_match_the_server_delays(fake_openai):
     run = await run_load(_chat(4, max_tokens=8), ClientConfig(url=srv.url))
     s = run.summary
     assert s.sent == s.ok == 4 and s.errors == {}
+    # The server never sends early, so the lower bounds are exact; the upper ones leave room for a box
+    # that stalls for a moment (the test asserts definitions, not speed).
     for r in run.results:
         # the role-only chunk comes at once: it must not count as the first token
-        assert 0.19 <= r.ttft_s <= 0.5
+        assert 0.19 <= r.ttft_s <= 2.0
         assert len(r.itl_s) == 7 and r.output_tokens == 8
-        assert 0.045 <= r.tpot_s <= 0.1
-        assert r.e2e_s >= r.ttft_s + 7 * 0.05 - 0.01
+        assert sorted(r.itl_s)[3] >= 0.045  # gaps between content tokens only (not role, finish or usage chunks)
+        assert r.tpot_s == pytest.approx(sum(r.itl_s) / 7)  # first to last token over 7 gaps: TTFT not in it
+        assert r.e2e_s >= r.ttft_s + sum(r.itl_s)
         assert r.prompt_tokens == 3 and r.status == 200
         assert r.request_id.startswith("req-") and r.replica_id in ("replica-a", "replica-b")
-    assert 0.045 <= s.itl_s.p50 <= 0.08 and s.itl_s.count == 28
+    assert 0.045 <= s.itl_s.p50 <= 0.15 and s.itl_s.count == 28
     assert s.output_tokens == 32
     assert run.model == "fake-model"  # discovered from /v1/models
     assert set(s.replicas) == {"replica-a", "replica-b"} and s.max_over_mean_load == pytest.approx(1.0)
