@@ -15,6 +15,10 @@ shared-prefix workload closed-loop through the HTTP API, and record from the cli
 broadcast): the engines' own hit rate, each replica's share of prompt tokens and its time-averaged
 in-flight requests (busiest / mean); from Ray's metrics export: our router's decision outcomes.
 
+Before the runs it prints what the workload allows (load_tests.routing_model, `--model-only` to stop there):
+the hit rate with each conversation kept on one replica (the ceiling) and with a random replica per request
+(where pow2 lands), for this fleet and cache size.
+
 The Ray baseline: load_tests.ray_prefix_baseline (its defaults, our request type).
 """
 from __future__ import annotations
@@ -151,6 +155,19 @@ def working_set_blocks(wl, tokenizer, block_size: int) -> int:
         ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         total += -(-(len(tokenizer.encode(ids, add_special_tokens=False)) + spec.max_tokens) // block_size)
     return total
+
+
+def model_hit_rates(args, tokenizer):
+    """load_tests.routing_model on this run's workload, fleet and cache size."""
+    from load_tests.routing_model import hit_rates, requests_of
+    return hit_rates(requests_of(workload(args), tokenizer), args.replicas, args.kv_blocks_resolved,
+                     args.block_size, seed=args.seed)
+
+
+def model_line(model) -> str:
+    return (f"Workload model (load_tests/routing_model.py, same requests and cache size): each conversation kept on "
+            f"one replica {model.affinity:.1%} (the workload's ceiling), a random replica per request "
+            f"{model.random:.1%} (pow2's lot): ×{model.ratio:.2f}")
 
 
 def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int, args, rnd: int = 0) -> dict:
@@ -290,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=900)
     p.add_argument("--metrics-wait-s", type=float, default=3.0)
+    p.add_argument("--model-only", action="store_true", help="print the workload model's hit rates "
+                   "(load_tests/routing_model.py) for these settings and stop, without starting a cluster")
     p.add_argument("--out", default=None, help="directory for results.json, results.md and each run's raw results")
     args = p.parse_args(argv)
 
@@ -306,14 +325,19 @@ def main(argv=None) -> int:
     else:
         from load_tests.tiny_model import build_tiny_model
         build_tiny_model(model_dir)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if args.kv_blocks is None:
-        from transformers import AutoTokenizer
-        ws = working_set_blocks(workload(args), AutoTokenizer.from_pretrained(model_dir), args.block_size)
+        ws = working_set_blocks(workload(args), tokenizer, args.block_size)
         args.working_set_blocks = ws
         args.kv_blocks_resolved = max(64, -(-int(ws * args.kv_headroom) // args.replicas))
     else:
         args.kv_blocks_resolved = args.kv_blocks
     print(f"KV blocks per replica: {args.kv_blocks_resolved}", flush=True)
+    model = model_hit_rates(args, tokenizer)
+    print(model_line(model), flush=True)
+    if args.model_only:
+        return 0
     load_start = os.getloadavg()
     metrics_port = free_port()
     ray.init(address="local", num_cpus=2 * args.replicas + 4, include_dashboard=False, log_to_driver=False,
@@ -325,6 +349,7 @@ def main(argv=None) -> int:
     results = []
     report = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_start": load_start, "args": vars(args),
+              "model_hit_rates": {"affinity": model.affinity, "random": model.random, "ratio": model.ratio},
               "results": results}
 
     def save(complete: bool) -> None:
@@ -350,6 +375,7 @@ def main(argv=None) -> int:
         report["prefix_vs_pow2"] = targets
         md += ("\n\nprefix vs pow2: hit rate ×{hit_rate_ratio:.2f} (≥ 3), TTFT p50 ×{ttft_p50_speedup:.2f} (≥ 2), "
                "prefix busiest/mean in-flight {prefix_busiest_over_mean_inflight:.2f} (≤ 1.5)".format(**targets))
+    md += "\n\n" + model_line(model)
     print(md)
     if args.out:
         save(complete=True)

@@ -2,6 +2,8 @@
 and the parser of Ray's metrics export."""
 from __future__ import annotations
 
+import re
+
 from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import PendingRequest
 
@@ -74,3 +76,13 @@ def test_rounds_rotate_the_order_and_keep_each_result_as_it_comes():
         pass
     assert ran == [("a", 0), ("b", 0), ("c", 0), ("b", 1)]
     assert saved == [1, 2, 3, 4] and [r["round"] for r in results] == [0, 0, 0, 1]
+
+
+def test_model_only_prints_the_workload_model_and_starts_nothing(capsys):
+    import ray
+    assert bench_routing.main(["--model-only", "--replicas", "4", "--conversations", "8", "--turns", "3",
+                               "--hidden", "64", "--layers", "1", "--user-words", "32"]) == 0
+    out = capsys.readouterr().out
+    affinity, random_ = (float(x) for x in re.findall(r"([\d.]+)%", out.splitlines()[-1]))
+    assert 0 < random_ < affinity < 100 and "×" in out
+    assert not ray.is_initialized()
