@@ -185,10 +185,12 @@ async def test_redis_down_lookup_degrades_then_everything_recovers(redis_server,
         assert await router.lookup(M, H, ["a", "b"]) is None
         first = time.perf_counter() - t0
         assert first < budget_s + 0.25, first  # within the budget (plus scheduling slack)
-        t0 = time.perf_counter()
+        took = []
         for _ in range(20):  # the breaker answers at once while it is open
+            t0 = time.perf_counter()
             assert await router.lookup(M, H, ["a"]) is None
-        assert time.perf_counter() - t0 < 0.05
+            took.append(time.perf_counter() - t0)
+        assert sorted(took)[10] < 0.005  # the median: a stalled box may delay one or two of them
         assert router.lookup_failures == 21
 
         # The engine keeps caching while Redis is away; hooks must not raise or block.

@@ -145,7 +145,7 @@ async def test_open_loop_sends_on_schedule_and_caps_max_requests(fake_openai):
     assert [r.id for r in run.results] == [f"r{i}" for i in range(6)]
     for r in run.results:
         assert r.scheduled_s == pytest.approx(int(r.id[1:]) * 0.1)
-        assert 0 <= r.start_s - r.scheduled_s < 0.3  # never early; late only by event-loop lag
+        assert 0 <= r.start_s - r.scheduled_s < 1.0  # never early; late only by event-loop lag (a stalled box)
     assert len(srv.bodies) == 6
 
 
