@@ -141,20 +141,10 @@ def workload(args):
 
 
 def working_set_blocks(wl, tokenizer, block_size: int) -> int:
-    """KV blocks that hold every conversation's final context (last prompt + its answer) at once,
-    answers counted at max_tokens words (about one token each)."""
-    from load_tests.workloads import PLACEHOLDER_ANSWER
-    last = {}
-    for spec in wl.requests:
-        last[spec.session_id] = spec  # session-major, turns in order
-    total = 0
-    for spec in last.values():
-        answer = " ".join(["the"] * spec.max_tokens)
-        msgs = [{"role": m.role, "content": answer if m.content == PLACEHOLDER_ANSWER else m.content}
-                for m in spec.messages]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        total += -(-(len(tokenizer.encode(ids, add_special_tokens=False)) + spec.max_tokens) // block_size)
-    return total
+    """KV blocks that hold every conversation's final context (last prompt + its answer) at once."""
+    from load_tests.routing_model import requests_of
+    last = {r.session: r for r in requests_of(wl, tokenizer)}  # turn by turn: the last one wins
+    return sum(-(-(len(r.prompt) + len(r.answer)) // block_size) for r in last.values())
 
 
 def model_hit_rates(args, tokenizer):

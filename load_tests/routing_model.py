@@ -25,7 +25,13 @@ from kvstore.hashing import block_hashes
 class Request:
     session: str
     prompt: list[int]  # token ids the replica prefills
-    cached_after: list[int]  # token ids whose full blocks the replica holds after answering
+    answer: list[int]  # token ids it generates
+
+    @property
+    def cached_after(self) -> list[int]:
+        """Token ids whose full blocks the replica holds after answering: the block holding the answer's
+        last token is not cached, as in the engine (its KV is never computed)."""
+        return self.prompt + self.answer[:-1]
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,7 @@ class HitRates:
 def requests_of(wl, tokenizer) -> list[Request]:
     """The workload's requests in closed-loop order, each answer taken as max_tokens words of the workload's
     vocabulary (one token each with the benchmark's model, whose answers round-trip through the chat
-    template). As in the engine, the block holding an answer's last token is not cached (its KV is never
-    computed)."""
+    template)."""
     from load_tests.workloads import PLACEHOLDER_ANSWER, _words
     rng = np.random.default_rng(0)
     answers: dict[str, str] = {}
@@ -54,7 +59,7 @@ def requests_of(wl, tokenizer) -> list[Request]:
         prompt = tokenizer.encode(text, add_special_tokens=False)
         answers[spec.id] = _words(rng, spec.max_tokens)
         answer = tokenizer.encode(answers[spec.id], add_special_tokens=False)
-        out.append(Request(spec.session_id, prompt, prompt + answer[:-1]))
+        out.append(Request(spec.session_id, prompt, answer))
     return out
 
 

@@ -18,9 +18,9 @@ def _two_turn_conversations(n: int) -> list[Request]:
     for c in range(n):
         own = [1000 * c + i for i in range(200)]
         p1 = own[:64]
-        turn1.append(Request(f"c{c}", p1, p1 + own[64:80]))
+        turn1.append(Request(f"c{c}", p1, own[64:81]))
         p2 = own[:112]
-        turn2.append(Request(f"c{c}", p2, p2 + own[112:128]))
+        turn2.append(Request(f"c{c}", p2, own[112:129]))
     return turn1 + turn2  # the closed loop's order: every turn 1, then every turn 2
 
 
@@ -39,7 +39,7 @@ def test_random_choice_finds_the_previous_turn_one_time_in_n():
 
 def test_lookup_leaves_the_last_token_to_compute():
     p = list(range(64))  # four full blocks, sent twice to one replica
-    assert replay([Request("a", p, p), Request("a", p, p)], lambda i, r: 0, 1, 100, BS) == pytest.approx(48 / 128)
+    assert replay([Request("a", p, [0]), Request("a", p, [0])], lambda i, r: 0, 1, 100, BS) == pytest.approx(48 / 128)
 
 
 def test_caches_hold_the_given_number_of_blocks():
@@ -65,7 +65,7 @@ def test_benchmark_workload_model():
     first = {r.session: r for r in reqs[:12]}
     for r in reqs[12:24]:
         assert r.prompt[:len(first[r.session].cached_after)] == first[r.session].cached_after
-        assert len(r.cached_after) == len(r.prompt) + 9  # the answer minus its last token
+        assert len(r.answer) == 10 and r.cached_after == r.prompt + r.answer[:9]  # not the last token's block
     two, six = (hit_rates(reqs, n, 10_000, BS) for n in (2, 6))
     assert two.affinity == pytest.approx(six.affinity, abs=0.02)
     assert six.random < two.random < two.affinity
