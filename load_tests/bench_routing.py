@@ -1,7 +1,7 @@
 """Routing policies side by side on CPU: round_robin, pow2, prefix (ours) and Ray Serve LLM's
 PrefixCacheAffinityRouter, each on a fresh cluster of small random-weight replicas, same multi-turn workload.
 
-    python -m load_tests.bench_routing [--replicas 6] [--conversations 48] [--out /tmp/bench_routing]
+    python -m load_tests.bench_routing [--replicas 4] [--conversations 48] [--out /tmp/bench_routing]
 
 The model (`--model bench`, load_tests.bench_model) is one whose answers round-trip through the chat
 template, as a trained model's do, so a turn can reuse the previous turn's answer too; `--model tiny` is
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                    "BPE model (hidden 64, 2 layers, ~4 tokens per word, answers do not round-trip)")
     p.add_argument("--hidden", type=int, default=384, help="bench model width (heads of 64)")
     p.add_argument("--layers", type=int, default=6, help="bench model depth")
-    p.add_argument("--replicas", type=int, default=6)
+    p.add_argument("--replicas", type=int, default=4, help="the issue's 3-4 (sessions 2-4 ran 6)")
     p.add_argument("--conversations", type=int, default=48)
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=8)
@@ -285,8 +285,10 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per replica (default: from "
                    "--kv-headroom)")
-    p.add_argument("--kv-headroom", type=float, default=1.25, help="fleet KV capacity over the workload's "
-                   "working set (every conversation's final context), split evenly over the replicas")
+    p.add_argument("--kv-headroom", type=float, default=1.0, help="fleet KV capacity over the workload's "
+                   "working set (every conversation's final context), split evenly over the replicas: 1.0 holds "
+                   "it once, as full caches do (sessions 2-4 ran 1.25, where a random pick's stale copies survive: "
+                   "docs/benchmarks.md, Routing policies, session 5)")
     # Not the config's 5 ms: on the shared 2-core box (load average 15-50) the router's lookups wait for CPU,
     # and at 5 ms 154 of 160 decisions fell back to load only (docs/benchmarks.md, Routing policies).
     p.add_argument("--redis-timeout-ms", type=float, default=250.0, help="router.redis_timeout_ms for the run")
