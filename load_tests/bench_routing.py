@@ -140,20 +140,6 @@ def workload(args):
         arrival=Arrival(concurrency=args.concurrency)))
 
 
-def working_set_blocks(wl, tokenizer, block_size: int) -> int:
-    """KV blocks that hold every conversation's final context (last prompt + its answer) at once."""
-    from load_tests.routing_model import requests_of
-    last = {r.session: r for r in requests_of(wl, tokenizer)}  # turn by turn: the last one wins
-    return sum(-(-(len(r.prompt) + len(r.answer)) // block_size) for r in last.values())
-
-
-def model_hit_rates(args, tokenizer):
-    """load_tests.routing_model on this run's workload, fleet and cache size."""
-    from load_tests.routing_model import hit_rates, requests_of
-    return hit_rates(requests_of(workload(args), tokenizer), args.replicas, args.kv_blocks_resolved,
-                     args.block_size, seed=args.seed)
-
-
 def model_line(model) -> str:
     return (f"Workload model (load_tests/routing_model.py, same requests and cache size): each conversation kept on "
             f"one replica {model.affinity:.1%} (the workload's ceiling), a random replica per request "
@@ -318,15 +304,17 @@ def main(argv=None) -> int:
         from load_tests.tiny_model import build_tiny_model
         build_tiny_model(model_dir)
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    from load_tests import routing_model
+    requests = routing_model.requests_of(workload(args), AutoTokenizer.from_pretrained(model_dir))
     if args.kv_blocks is None:
-        ws = working_set_blocks(workload(args), tokenizer, args.block_size)
+        ws = routing_model.working_set_blocks(requests, args.block_size)
         args.working_set_blocks = ws
         args.kv_blocks_resolved = max(64, -(-int(ws * args.kv_headroom) // args.replicas))
     else:
         args.kv_blocks_resolved = args.kv_blocks
     print(f"KV blocks per replica: {args.kv_blocks_resolved}", flush=True)
-    model = model_hit_rates(args, tokenizer)
+    model = routing_model.hit_rates(requests, args.replicas, args.kv_blocks_resolved, args.block_size, seed=args.seed)
     print(model_line(model), flush=True)
     if args.model_only:
         return 0

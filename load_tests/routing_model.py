@@ -63,6 +63,12 @@ def requests_of(wl, tokenizer) -> list[Request]:
     return out
 
 
+def working_set_blocks(requests: list[Request], block_size: int) -> int:
+    """KV blocks that hold every conversation's final context (last prompt + its answer) at once."""
+    last = {r.session: r for r in requests}  # turn by turn: the last one wins
+    return sum(-(-(len(r.prompt) + len(r.answer)) // block_size) for r in last.values())
+
+
 def replay(requests: list[Request], choose, replicas: int, capacity_blocks: int, block_size: int) -> float:
     """Prompt tokens served from cache over prompt tokens, with `choose(i, request) -> replica`. As the
     engine does, a lookup leaves at least the prompt's last token to compute."""
@@ -70,9 +76,8 @@ def replay(requests: list[Request], choose, replicas: int, capacity_blocks: int,
     hit = total = 0
     for i, req in enumerate(requests):
         cache = caches[choose(i, req)]
-        hashes = block_hashes(req.prompt, block_size)
         cached = 0
-        for h in hashes[:(len(req.prompt) - 1) // block_size]:
+        for h in block_hashes(req.prompt[:(len(req.prompt) - 1) // block_size * block_size], block_size):
             if h not in cache:
                 break
             cached += 1

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from load_tests.bench_model import build_bench_model
-from load_tests.bench_routing import working_set_blocks
+from load_tests.routing_model import requests_of, working_set_blocks
 from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, _words, generate
 from tests.engine_utils import greedy, make_engine, request, run_all, text_of, tokens_of
 
@@ -63,13 +63,14 @@ def test_working_set_counts_each_conversations_final_context(bench_model_dir):
     one = generate(MultiTurnConfig(conversations=1, turns=1, **cfg))
     [spec] = one.requests
     prompt = _encode(tok, [m.model_dump(include={"role", "content"}) for m in spec.messages])
-    assert working_set_blocks(one, tok, BS) == -(-(len(prompt) + 10) // BS)
+    assert working_set_blocks(requests_of(one, tok), BS) == -(-(len(prompt) + 10) // BS)
     # Three turns: the last turn's context holds two earlier answers of max_tokens words (one token each),
     # every message costs 3 template tokens (<|im_start|>, role, <|im_end|>), the generation prompt 2.
     three = generate(MultiTurnConfig(conversations=1, turns=3, **cfg))
     last = three.requests[-1]
     words = sum(len(m.content.split()) for m in last.messages if m.answer_of is None)
-    blocks = working_set_blocks(three, tok, BS)
+    blocks = working_set_blocks(requests_of(three, tok), BS)
     assert blocks == -(-(words + 2 * 10 + 3 * len(last.messages) + 2 + 10) // BS)
     # Conversations add up.
-    assert working_set_blocks(generate(MultiTurnConfig(conversations=3, turns=3, **cfg)), tok, BS) > 2 * blocks
+    three_conversations = requests_of(generate(MultiTurnConfig(conversations=3, turns=3, **cfg)), tok)
+    assert working_set_blocks(three_conversations, BS) > 2 * blocks
