@@ -289,6 +289,11 @@ def main(argv=None) -> int:
                    "(load_tests/routing_model.py) for these settings and stop, without starting a cluster")
     p.add_argument("--out", default=None, help="directory for results.json, results.md and each run's raw results")
     args = p.parse_args(argv)
+    for name in ("replicas", "conversations", "turns", "concurrency", "block_size", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.kv_headroom <= 0 or (args.kv_blocks is not None and args.kv_blocks < 1):
+        p.error("the KV pool must be positive (--kv-headroom > 0, --kv-blocks >= 1)")
 
     import ray
     from ray import serve

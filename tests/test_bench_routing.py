@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import PendingRequest
 
@@ -89,3 +90,10 @@ def test_model_only_prints_the_workload_model_and_starts_nothing(capsys, monkeyp
     out = capsys.readouterr().out
     affinity, random_ = (float(x) for x in re.findall(r"([\d.]+)%", out.splitlines()[-1]))
     assert 0 < random_ < affinity < 100 and "×" in out
+
+
+@pytest.mark.parametrize("bad", [["--replicas", "0"], ["--turns", "0"], ["--kv-headroom", "0"], ["--kv-blocks", "0"]])
+def test_bad_sizes_are_refused_before_anything_starts(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_routing.main(["--model-only", *bad])
+    assert exc.value.code == 2 and "must be" in capsys.readouterr().err
