@@ -31,6 +31,7 @@ from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.middleware import Gatekeeper
 from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, ModelCard, ModelList, UsageInfo)
+from router.shared_load import LoadCancelled, SharedLoad
 from router.responses import ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter
 from router.tokenization import ModelInfo, PromptPreparer
 
@@ -55,8 +56,7 @@ class OpenAIRouter:
         self.metrics = RouterMetrics(served_model_id(config.engine), ray=ray.is_initialized())
         self.admission = Admission(config.router.max_queued_requests, config.router.num_router_replicas)
         self._in_flight = 0
-        self._preparer: PromptPreparer | None = None
-        self._preparer_task: asyncio.Task | None = None
+        self._preparer_load: SharedLoad[PromptPreparer] = SharedLoad(self._load_preparer, "tokenizer")
         self._active_ids: set[str] = set()
         self.app = self._build_app()
 
@@ -75,24 +75,22 @@ class OpenAIRouter:
             raise APIError(503, f"no healthy replica answered ({type(e).__name__})",
                            code="no_healthy_replica") from None
 
-    async def preparer(self, info: dict | None = None) -> PromptPreparer:
-        """Tokenizer and model limits, from the first replica that answers; loaded once.
+    @property
+    def _preparer(self) -> PromptPreparer | None:
+        return self._preparer_load.value
 
-        The load runs as one shared task: a caller that gives up (a /ready probe with a short client
-        timeout) does not cancel it, so the next caller finds it done instead of starting over."""
-        if self._preparer is not None:
-            return self._preparer
-        if self._preparer_task is None:
-            self._preparer_task = asyncio.create_task(self._load_preparer(info))
-        task = self._preparer_task
+    async def preparer(self, info: dict | None = None) -> PromptPreparer:
+        """Tokenizer and model limits, from the first replica that answers; loaded once (`SharedLoad`:
+        a probe that gives up neither cancels the load nor breaks it for later callers)."""
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if self._preparer_task is task:  # failed (no replica yet): the next caller tries again
-                self._preparer_task = None
-            raise
+            return await self._preparer_load.get(info)
+        except LoadCancelled:
+            raise APIError(503, "the model's tokenizer is still loading, retry", code="no_healthy_replica",
+                           headers={"Retry-After": "1"}) from None
+
+    def preload(self) -> None:
+        """Load the tokenizer now, before the first request (which would otherwise pay for it)."""
+        self._preload_task = self._preparer_load.start_in_background()
 
     async def _load_preparer(self, info: dict | None) -> PromptPreparer:
         # Long enough for a cold start from zero replicas; /ready answers fast on its own timeout.
@@ -100,7 +98,6 @@ class OpenAIRouter:
         preparer = await asyncio.to_thread(PromptPreparer, ModelInfo.from_replica(info))
         log.info("serving model %s (context %d, block size %d)", preparer.info.model_id,
                  preparer.info.max_model_len, preparer.info.block_size)
-        self._preparer = preparer
         return preparer
 
     @staticmethod
@@ -265,9 +262,24 @@ class OpenAIIngress:
 
     def __init__(self, config: ClusterConfig, replicas: Any):
         self.router = OpenAIRouter(config, replicas)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # constructed outside Serve's event loop: loads at the first request
+            return
+        self.router.preload()
 
     def __serve_build_asgi_app__(self):
         return self.router.app
+
+    async def redis_routing(self):
+        """`llm-cluster status` asks every ingress replica (handle broadcast): the request routers of this
+        process on Redis (lookup failures, fallbacks, breaker), a router.replica_choice.RedisRoutingStats."""
+        stats = self.router.metrics.redis_routing()
+        try:
+            rid = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 — constructed outside Serve (tests): no replica id
+            return stats
+        return stats.model_copy(update={"replica_id": rid})
 
 
 # ---------------------------------------------------------------------- helpers
