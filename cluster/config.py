@@ -35,6 +35,12 @@ class ReplicaSettings(_Section):
                                       "machine's cores shared among the replicas this config can run (at least "
                                       "num_cpus), unless the Ray runtime env sets OMP_NUM_THREADS.")
     max_ongoing_requests: int = Field(256, ge=1)
+    stream_chunks_per_s: float = Field(1000.0, ge=0, description="Stream chunks one replica sends per second, "
+                                       "over all its streams: each stream's chunks are spaced open streams / "
+                                       "this apart, and carry every token made meanwhile. Every chunk crosses "
+                                       "three processes (replica, ingress, proxy), so a full replica pays per "
+                                       "chunk, not per token; few streams still get every token at once. "
+                                       "0 sends each token as it comes.")
     health_check_period_s: float = Field(2.0, gt=0)
     health_check_timeout_s: float = Field(10.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0, description="Unhealthy if the engine loop has work but has not ticked for this long.")
@@ -89,6 +95,12 @@ class RouterSettings(RoutingKnobs):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_queued_requests: int = Field(1024, ge=1, description="Admission: waiting requests across replicas before 429.")
     max_attempts: int = Field(3, ge=1, description="Replicas tried per request (failover).")
+    sse_keepalive_s: float = Field(10.0, gt=0, description="A streaming request whose first token has not come "
+                                   "within this time starts its 200 response and sends an SSE comment "
+                                   "(`: keep-alive`) this often until it comes, so a load balancer's idle "
+                                   "timeout cannot cut a queued stream; an error before the first token then "
+                                   "ends the stream with the error event and `data: [DONE]` instead of a "
+                                   "status code. Keep it below the idle timeout of every proxy in front.")
 
 
 class ClusterConfig(_Section):

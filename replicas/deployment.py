@@ -21,6 +21,7 @@ log = logging.getLogger("ray.serve")
 
 
 FAULT_INJECTION_ENV = "LLM_CLUSTER_FAULT_INJECTION"
+MIN_STREAM_PAUSE_S = 0.002  # shorter than a decode step: pacing would coalesce nothing
 
 
 class ReplicaUnhealthy(RuntimeError):
@@ -64,16 +65,34 @@ class LLMReplica:
     # ------------------------------------------------------------------ serving
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream chunks for one request. Cancellation (client gone) aborts it and frees its blocks."""
+        """Stream chunks for one request. Cancellation (client gone) aborts it and frees its blocks.
+
+        The first chunk leaves at once (TTFT); later ones are paced by `_stream_pause`: while this stream
+        waits, the engine's tokens for it pile up and the next read takes them as one chunk."""
         self._inflight += 1
+        stream = self.engine.generate(request)
         first = True
         try:
-            async for chunk in self.engine.generate(request):
+            async for chunk in stream:
                 if first:  # the router's x-replica-id: once per attempt, not on every chunk
                     chunk.replica_id, first = self.replica_id, False
                 yield chunk
+                if chunk.usage is None:
+                    pause = self._stream_pause()
+                    if pause:
+                        await asyncio.sleep(pause)
         finally:
             self._inflight -= 1
+            await stream.aclose()  # at once, not at garbage collection: aborts the request, frees its blocks
+
+    def _stream_pause(self) -> float:
+        """Seconds a stream waits between chunks: open streams / the replica's chunk budget, so a full
+        replica sends `stream_chunks_per_s` chunks a second in all however many streams it holds (each
+        chunk costs a Ray object per hop and the replica's GIL, which its engine loop needs). Below
+        MIN_STREAM_PAUSE_S it is not worth a timer: tokens go out as they come."""
+        budget = self.config.replicas.stream_chunks_per_s
+        pause = self._inflight / budget if budget else 0.0
+        return pause if pause >= MIN_STREAM_PAUSE_S else 0.0
 
     async def model_info(self) -> dict:
         e = self.engine
