@@ -12,7 +12,8 @@ Who records what (all through `MetricsRecorder`; the helpers below wrap the comm
 |---|---|
 | router ingress (`router/api.py`) via `RequestObserver` | llmc_requests_total, llmc_time_to_first_token_seconds, llmc_inter_token_latency_seconds, llmc_e2e_request_latency_seconds, llmc_prompt_tokens_total, llmc_generation_tokens_total |
 | router ingress (failover loop, admission) | llmc_request_retries_total, llmc_failovers_total, llmc_router_queued_requests, llmc_router_in_flight_requests |
-| request router (`router/routing.py`) | llmc_routing_decisions_total, llmc_router_prefix_query_tokens_total, llmc_router_prefix_hit_tokens_total, llmc_router_index_lookup_seconds, llmc_redis_fallbacks_total{component="router"} |
+| request router (`router/routing.py`) | llmc_routing_decisions_total, llmc_router_prefix_query_tokens_total, llmc_router_prefix_hit_tokens_total, llmc_router_index_lookup_seconds, llmc_router_index_lookup_failures_total, llmc_redis_fallbacks_total{component="router"}, llmc_router_redis_breaker_state |
+| router ingress GET /metrics, copied from the request router of its own process at each scrape (`router/metrics.py`) | llmc_router_index_lookup_failures_total, llmc_redis_fallbacks_total{component="router"}, llmc_router_redis_breaker_state |
 | replica (`replicas/metrics.py`: `EngineStatsExporter` fed once a second) | llmc_num_requests_waiting, llmc_num_requests_running, llmc_pending_prefill_tokens, llmc_kv_cache_usage_ratio, llmc_prefix_cache_query_tokens_total, llmc_prefix_cache_hit_tokens_total, llmc_num_preemptions_total |
 | replica KV event publisher (`kvstore/`, its `on_fallback` -> `replicas/metrics.py`) | llmc_redis_fallbacks_total{component="publisher"} |
 | autoscaling policy (`cluster/autoscaling.py`, runs in the Serve controller) | llmc_autoscaling_desired_replicas, llmc_autoscaling_actual_replicas |
@@ -45,7 +46,15 @@ ROUTING_OUTCOMES = (
 )
 RETRY_REASONS = ("replica_died", "replica_unavailable", "rejected", "error")
 FAILOVER_OUTCOMES = ("resumed", "exhausted")
-REDIS_FALLBACK_REASONS = ("timeout", "error")
+# Why a request router's prefix-index lookup did not answer: Redis past its budget, a Redis error
+# (refused, reset, script error), or not asked at all because the breaker was open after a failure.
+LOOKUP_FAILURE_REASONS = ("timeout", "error", "breaker_open")
+# The KV publisher gives up Redis operations for "timeout" or "error"; the request router also routes
+# around an open breaker ("breaker_open"), and counts "error" for a Redis URL it could not use at all.
+REDIS_FALLBACK_REASONS = ("timeout", "error", "breaker_open")
+# llmc_router_redis_breaker_state's values. Half-open: the skip period after a failure is over but no
+# lookup has reached Redis since, so the next ones probe it.
+BREAKER_STATES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0)
@@ -102,11 +111,23 @@ _SPECS = (
                ("policy",), recorded_by="request router"),
     MetricSpec("llmc_router_index_lookup_seconds", "histogram",
                "Prefix index lookups that answered, as the request router waited for them (its event loop's "
-               "delays included): compare with router.redis_timeout_ms. Failed ones count in llmc_redis_fallbacks_total.",
+               "delays included): compare with router.redis_timeout_ms. Failed ones count in "
+               "llmc_router_index_lookup_failures_total.",
                ("model",), _LOOKUP_BUCKETS, "request router"),
+    MetricSpec("llmc_router_index_lookup_failures_total", "counter",
+               "Prefix index lookups that did not answer, by reason: timeout (past router.redis_timeout_ms), "
+               "error (Redis refused or failed), breaker_open (not asked: a lookup failed moments ago).",
+               ("model", "reason"), recorded_by="request router"),
     MetricSpec("llmc_redis_fallbacks_total", "counter",
-               "Redis operations given up (timeout or error) and worked around: routing by load only, "
-               "or KV events dropped.", ("component", "reason"), recorded_by="request router, KV publisher"),
+               "Redis given up on and worked around. component=router: requests routed without the prefix "
+               "index (by load, or on the router's own recent decisions), by the reason the index did not "
+               "answer; component=publisher: KV events dropped.",
+               ("component", "reason"), recorded_by="request router, KV publisher"),
+    MetricSpec("llmc_router_redis_breaker_state", "gauge",
+               "The request router's breaker around prefix index lookups: 0 closed (lookups go to Redis), "
+               "0.5 half-open (the skip period is over, the next lookups probe Redis), 1 open (lookups "
+               "skipped, routing without the index). Several routers of one process: the most open one.",
+               ("model",), recorded_by="request router"),
     # ---- engine state, recorded by each replica
     MetricSpec("llmc_num_requests_waiting", "gauge", "Requests queued in the replica's engine, not yet running.",
                ("model", "replica"), recorded_by="replica"),

@@ -1,10 +1,12 @@
 """`llm-cluster status`: one snapshot of a running cluster (Serve application and deployments, each
-replica's health and engine stats, Redis reachability, the autoscaler's target) as a dict, and a
-fixed-width table of it for people.
+replica's health and engine stats, Redis reachability and how the request routers fare with it, the
+autoscaler's target) as a dict, and a fixed-width table of it for people.
 
 Sources: `serve.status()` (deployment health and replica states), the Serve controller's instance
 details (per-replica node/pid/state, target replica counts, autoscaling decisions: the same data the
-dashboard's Serve page shows), `stats()` broadcast to every LLMReplica replica, and a Redis PING.
+dashboard's Serve page shows), `stats()` broadcast to every LLMReplica replica, `redis_routing()`
+broadcast to every ingress replica (its request routers' index lookup failures, Redis fallbacks and
+breaker state, totals since the replica started), and a Redis PING.
 Every part degrades on its own: a replica that does not answer is listed with its error, and the
 rest of the report still comes back.
 """
@@ -17,7 +19,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cluster.app import REPLICA_DEPLOYMENT
+from cluster.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT
 
 
 def collect_status(address: str = "auto", app_name: str = "llm-cluster", redis_url: str | None = None,
@@ -69,6 +71,42 @@ def _collect(report: dict[str, Any], app_name: str, redis_url: str | None, timeo
     url = redis_url or os.environ.get("REDIS_URL") or _redis_url_from_app(details, app_name, timeout_s)
     report["redis"] = check_redis(url) if url else {
         "url": None, "reachable": None, "error": "redis_url unknown: pass --redis-url"}
+    report["redis_routing"] = _redis_routing(app_name, timeout_s)
+
+
+def _redis_routing(app_name: str, timeout_s: float) -> dict[str, Any]:
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name)
+        results = handle.broadcast("redis_routing").results(timeout_s=timeout_s, return_exceptions=True)
+    except Exception as e:
+        return summarize_redis_routing([], [f"{type(e).__name__}: {e}"])
+    return summarize_redis_routing([r for r in results if not isinstance(r, BaseException)],
+                                   [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)])
+
+
+_BREAKER_ORDER = ("closed", "half_open", "open")
+
+
+def summarize_redis_routing(stats: list, errors: list[str]) -> dict[str, Any]:
+    """The ingress replicas' `RedisRoutingStats` -> the report's `redis_routing`: each replica's record,
+    and over all of them the most open breaker, the breaker states counted, and the totals by reason."""
+    from router.replica_choice import RedisRoutingStats
+
+    routers = [RedisRoutingStats.model_validate(s).model_dump() for s in stats]
+    failures: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    states: dict[str, int] = {}
+    for r in routers:
+        for totals, into in ((r["lookup_failures"], failures), (r["fallbacks"], fallbacks)):
+            for reason, n in totals.items():
+                into[reason] = into.get(reason, 0) + n
+        if r["breaker"] is not None:
+            states[r["breaker"]] = states.get(r["breaker"], 0) + 1
+    return {"routers": routers, "errors": errors,
+            "breaker": max(states, key=_BREAKER_ORDER.index, default=None), "breaker_states": states,
+            "lookup_failures": failures, "fallbacks": fallbacks}
 
 
 def _app_details(app_name: str) -> dict[str, Any]:
@@ -246,7 +284,28 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"redis: {rd['url']}  reachable ({rd['latency_ms']} ms)")
     else:
         lines.append(f"redis: {rd.get('url') or '?'}  UNREACHABLE  {rd.get('error') or ''}".rstrip())
+    rr = report.get("redis_routing")
+    if rr is not None:
+        lines.append(_redis_routing_line(rr))
+        lines += [f"  {INGRESS_DEPLOYMENT}: {e}" for e in rr.get("errors") or ()]
     return "\n".join(lines)
+
+
+def _redis_routing_line(rr: dict[str, Any]) -> str:
+    states = rr.get("breaker_states") or {}
+    breaker = rr.get("breaker") or "-"  # "-": no router has opened the index yet
+    if len(states) > 1:
+        breaker += " (" + ", ".join(f"{states[s]} {s}" for s in reversed(_BREAKER_ORDER) if s in states) + ")"
+    n = len(rr.get("routers") or ())
+    return (f"redis routing ({n} ingress replica{'' if n == 1 else 's'}): breaker={breaker}  "
+            f"lookup failures={_by_reason(rr.get('lookup_failures'))}  fallbacks={_by_reason(rr.get('fallbacks'))}")
+
+
+def _by_reason(totals: dict[str, int] | None) -> str:
+    totals = {k: v for k, v in (totals or {}).items() if v}
+    if not totals:
+        return "0"
+    return f"{sum(totals.values())} (" + " ".join(f"{k}={v}" for k, v in sorted(totals.items())) + ")"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

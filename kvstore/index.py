@@ -22,6 +22,7 @@ epoch's first heartbeat, by `sweep` (publishers call it now and then), or at the
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import sys
@@ -31,6 +32,7 @@ from typing import Iterable, Protocol, Sequence
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -41,9 +43,18 @@ log = logging.getLogger(__name__)
 
 Epoch = str | int
 
+BreakerState = str  # "closed" | "half_open" | "open" (cluster.metrics BREAKER_STATES gives their gauge values)
+
 
 class PrefixIndex(Protocol):
     lookup_failures: int  # lookups answered None (Redis down, slow, or skipped): exported as a metric
+    # Why the latest lookup answered None: "timeout", "error" or "breaker_open" (cluster.metrics
+    # LOOKUP_FAILURE_REASONS). Read by the caller right after that lookup returns (no await in between).
+    last_failure: str | None
+
+    def breaker_state(self) -> BreakerState:
+        """"closed" (lookups go to Redis), "open" (skipped: answered None at once) or "half_open" (the
+        skip period is over but Redis has not answered since: the next lookups probe it)."""
 
     async def add(self, model_id: str, replica_id: str, epoch: Epoch, hashes: Iterable[int]) -> None: ...
 
@@ -178,6 +189,7 @@ class RedisPrefixIndex:
         self.entry_ttl_ms = int(entry_ttl_s * 1000)
         self.key_prefix = key_prefix
         self.lookup_failures = 0
+        self.last_failure: str | None = None
         self._skip_until = 0.0
         self._ok = True  # last lookup succeeded: log transitions only, not every failed lookup
         # No client-side retries: a timed-out or refused command reconnects on the next call instead
@@ -202,6 +214,7 @@ class RedisPrefixIndex:
             return dict.fromkeys(replica_ids, 0)
         if time.monotonic() < self._skip_until:
             self.lookup_failures += 1
+            self.last_failure = "breaker_open"
             return None
         try:
             async with _timeout(self.timeout_s):
@@ -210,6 +223,9 @@ class RedisPrefixIndex:
                                                 _packed(block_hashes)])
         except Exception as e:  # noqa: BLE001 — any Redis trouble means "unknown", never an error
             self.lookup_failures += 1
+            # asyncio's budget raises TimeoutError; redis-py's socket timeout its own TimeoutError.
+            self.last_failure = ("timeout" if isinstance(e, (TimeoutError, asyncio.TimeoutError, RedisTimeoutError))
+                                 else "error")
             self._skip_until = time.monotonic() + self.breaker_s
             if self._ok:
                 self._ok = False
@@ -219,6 +235,13 @@ class RedisPrefixIndex:
             self._ok = True
             log.warning("prefix index answers again")
         return dict(zip(replica_ids, held))
+
+    def breaker_state(self) -> BreakerState:
+        # Open while failed lookups are being skipped; past that, half-open until a lookup reaches Redis
+        # and comes back (every lookup in between is a probe: there is no single trial request).
+        if time.monotonic() < self._skip_until:
+            return "open"
+        return "closed" if self._ok else "half_open"
 
     async def add(self, model_id, replica_id, epoch, hashes) -> None:
         await self.update(model_id, replica_id, epoch, hashes, ())
@@ -289,6 +312,7 @@ class InMemoryPrefixIndex:
 
     def __init__(self, clock=time.monotonic):
         self.lookup_failures = 0
+        self.last_failure: str | None = None
         self._clock = clock
         self._sets: dict[tuple[str, str, str], set[int]] = {}
         self._live: dict[tuple[str, str], str] = {}  # (model, replica) -> epoch
@@ -351,6 +375,9 @@ class InMemoryPrefixIndex:
             self._sets.pop((m, r, e), None)
             self._beats.pop((m, r, e), None)
         return len(dead)
+
+    def breaker_state(self) -> BreakerState:
+        return "closed"
 
     async def warm(self) -> None:
         pass

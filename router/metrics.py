@@ -1,18 +1,29 @@
 """The router ingress's metrics: the catalogue's router metrics (`cluster.metrics`: names, labels, buckets),
 recorded to Ray's metrics export (dashboards, alerts) and to this ingress's own prometheus registry, which
 GET /metrics serves in the text format.
+
+The request router choosing replicas for this ingress's handle runs in the same process but on Serve's
+router loop, and records to Ray's export only. Its Redis figures (index lookup failures, fallbacks, breaker
+state: `router.replica_choice.redis_routing_stats`) are copied into this registry at each scrape, so GET
+/metrics shows Redis trouble without a Prometheus scraping Ray.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from cluster.metrics import CATALOGUE, MetricsRecorder, RequestObserver, request_status
+from cluster.metrics import BREAKER_STATES, CATALOGUE, MetricsRecorder, RequestObserver, request_status
+from router.replica_choice import RedisRoutingStats, redis_routing_stats
+
+log = logging.getLogger("llm_cluster.router")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ROUTER_METRICS = tuple(name for name, spec in CATALOGUE.items() if spec.recorded_by == "router")
+REDIS_ROUTING_METRICS = ("llmc_router_index_lookup_failures_total", "llmc_redis_fallbacks_total",
+                         "llmc_router_redis_breaker_state")
 
 
 class RouterMetrics:
@@ -21,6 +32,10 @@ class RouterMetrics:
         self.registry = CollectorRegistry()  # per instance: several apps in one process never collide
         self.rec = MetricsRecorder(ROUTER_METRICS, ray=ray, registry=self.registry,
                                    default_labels={"model": model})
+        # Registry only: the request router exports these to Ray itself.
+        self._redis = MetricsRecorder(REDIS_ROUTING_METRICS, ray=False, registry=self.registry,
+                                      default_labels={"model": model, "component": "router"})
+        self._redis_copied: dict[tuple[str, str], int] = {}  # (metric, reason) -> total copied so far
 
     def observer(self, start: float | None = None) -> RequestObserver:
         """TTFT/ITL/E2E, tokens and the final status of one generation request."""
@@ -40,5 +55,25 @@ class RouterMetrics:
         self.rec.set("llmc_router_queued_requests", queued)
         self.rec.set("llmc_router_in_flight_requests", in_flight)
 
+    def redis_routing(self) -> RedisRoutingStats:
+        """This process's request routers on Redis, for this ingress's model."""
+        return redis_routing_stats(self.model)
+
+    def _copy_redis_routing(self) -> None:
+        s = self.redis_routing()
+        for name, totals in (("llmc_router_index_lookup_failures_total", s.lookup_failures),
+                             ("llmc_redis_fallbacks_total", s.fallbacks)):
+            for reason, total in totals.items():
+                delta = total - self._redis_copied.get((name, reason), 0)  # process totals only grow
+                if delta > 0:
+                    self._redis.inc(name, delta, reason=reason)
+                    self._redis_copied[(name, reason)] = total
+        if s.breaker is not None:  # no sample until a router has opened the index
+            self._redis.set("llmc_router_redis_breaker_state", BREAKER_STATES[s.breaker])
+
     def render(self) -> bytes:
+        try:
+            self._copy_redis_routing()
+        except Exception:  # noqa: BLE001 — the request metrics are served all the same
+            log.warning("router Redis metrics unavailable", exc_info=True)
         return generate_latest(self.registry)

@@ -22,7 +22,9 @@ recent decisions (`router.recent_routes`) as the prefix estimate, weighed agains
 prompt it has not routed recently then goes by load alone. When the index answers, the decisions of the
 last `index_lag_s` are added to its answer (holders publish only after computing).
 Every decision is counted by outcome (cluster.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
-and in `outcomes`.
+and in `outcomes`. Index lookups that do not answer, and the requests routed without the index because of
+them, are counted by reason in this process's totals (`redis_routing_stats`, which the ingress's GET
+/metrics and `llm-cluster status` read) as well as in Ray's metrics export; so is the breaker's state.
 
 `router.routing.KVAwareRouter` adapts this to Serve's RequestRouter. Serve ships that module by value
 to every process holding a handle; this one travels by reference, so its state (`router_counters`) is
@@ -34,15 +36,18 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import random
+import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from cluster.config import RoutingKnobs
+from cluster.metrics import BREAKER_STATES
 from kvstore.hashing import block_hashes, extra_key
 from replicas.protocol import GenerationRequest
 from router.recent_routes import RecentRoutes
@@ -54,7 +59,8 @@ log = logging.getLogger("ray.serve")
 
 STATS_PERIOD_S = 0.5  # replicas' record_routing_stats period
 METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_total",
-           "llmc_router_prefix_hit_tokens_total", "llmc_router_index_lookup_seconds", "llmc_redis_fallbacks_total")
+           "llmc_router_prefix_hit_tokens_total", "llmc_router_index_lookup_seconds",
+           "llmc_router_index_lookup_failures_total", "llmc_redis_fallbacks_total", "llmc_router_redis_breaker_state")
 
 
 class RoutingParams(RoutingKnobs):
@@ -84,14 +90,74 @@ class _Assignment:
 
 
 _LIVE: "weakref.WeakSet[ReplicaChooser]" = weakref.WeakSet()
+# Serve runs a handle's router on its own loop thread; the ingress reads from its own: a chooser joining
+# while another thread walks _LIVE would break the walk.
+_LIVE_LOCK = threading.Lock()
+
+
+def _live() -> list["ReplicaChooser"]:
+    with _LIVE_LOCK:
+        return list(_LIVE)
 
 
 def router_counters() -> collections.Counter:
     """Decisions by outcome, summed over the choosers alive in this process (tests, debugging)."""
     out: collections.Counter = collections.Counter()
-    for c in list(_LIVE):
+    for c in _live():
         out.update(c.outcomes)
     return out
+
+
+Breaker = Literal["closed", "half_open", "open"]
+
+
+class RedisRoutingStats(BaseModel):
+    """The request routers of one process, for one model, on Redis: what the ingress's GET /metrics shows
+    and what `llm-cluster status` asks each ingress replica for (`OpenAIIngress.redis_routing`)."""
+    model_id: str
+    pid: int
+    replica_id: str | None = Field(None, description="The ingress replica that answered (set by the ingress).")
+    breaker: Breaker | None = Field(None, description="The most open breaker of this process's routers for "
+                                    "the model; None: none has opened the index yet (or there is none).")
+    lookup_failures: dict[str, int] = Field(default_factory=dict, description="Index lookups that did not "
+                                            "answer, by reason (cluster.metrics LOOKUP_FAILURE_REASONS).")
+    fallbacks: dict[str, int] = Field(default_factory=dict, description="Requests routed without the index "
+                                      "because it did not answer, by reason (REDIS_FALLBACK_REASONS).")
+
+
+class _RedisTally:
+    """This process's lookup failures and fallbacks by (model, reason). Module state, so the totals outlive
+    any one chooser (Serve may build a handle's router again) and are only ever added to, as counters must."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # written on the router's loop thread, read from the ingress's
+        self._failures: collections.Counter = collections.Counter()
+        self._fallbacks: collections.Counter = collections.Counter()
+
+    def lookup_failed(self, model_id: str, reason: str) -> None:
+        with self._lock:
+            self._failures[(model_id, reason)] += 1
+
+    def fell_back(self, model_id: str, reason: str) -> None:
+        with self._lock:
+            self._fallbacks[(model_id, reason)] += 1
+
+    def totals(self, model_id: str) -> tuple[dict[str, int], dict[str, int]]:
+        with self._lock:
+            return ({r: n for (m, r), n in self._failures.items() if m == model_id},
+                    {r: n for (m, r), n in self._fallbacks.items() if m == model_id})
+
+
+_REDIS_TALLY = _RedisTally()
+_BREAKER_ORDER = ("closed", "half_open", "open")
+
+
+def redis_routing_stats(model_id: str) -> RedisRoutingStats:
+    """Lookup failures, fallbacks and breaker state of this process's request routers for `model_id`."""
+    failures, fallbacks = _REDIS_TALLY.totals(model_id)
+    states = [s for c in _live() if c.params.model_id == model_id and (s := c.breaker_state()) in _BREAKER_ORDER]
+    return RedisRoutingStats(model_id=model_id, pid=os.getpid(), lookup_failures=failures, fallbacks=fallbacks,
+                             breaker=max(states, key=_BREAKER_ORDER.index, default=None))
 
 
 class ReplicaChooser:
@@ -113,8 +179,11 @@ class ReplicaChooser:
         self.outcomes: collections.Counter = collections.Counter()
         self._warmed = False
         self._warming: asyncio.Future | None = None  # held: the loop keeps only weak references to tasks
+        self._index_unusable = False  # redis_url was set but no index could be made from it
+        self._breaker_recorded: str | None = None
         self._metrics = metrics if metrics is not None else _recorder()
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # ---------------------------------------------------------------- the decision
 
@@ -192,17 +261,45 @@ class ReplicaChooser:
             return {}
         index = self._get_index()
         if index is None:
+            if self._index_unusable:
+                self._fell_back("error")
             return None
         t0 = time.perf_counter()
         held = await index.lookup(self.params.model_id, hashes, list(replica_ids))
-        if self._metrics is not None:
-            elapsed = time.perf_counter() - t0
-            if held is not None:
-                self._metrics.observe("llmc_router_index_lookup_seconds", elapsed, model=self.params.model_id)
-            else:
-                slow = elapsed >= 0.8 * self.params.redis_timeout_ms / 1000
-                self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason="timeout" if slow else "error")
+        elapsed = time.perf_counter() - t0
+        if held is None:
+            # The index says why (read before any await: the next lookup may overwrite it); one that does
+            # not (a test double) is judged by how long it took.
+            reason = getattr(index, "last_failure", None) or (
+                "timeout" if elapsed >= 0.8 * self.params.redis_timeout_ms / 1000 else "error")
+            _REDIS_TALLY.lookup_failed(self.params.model_id, reason)
+            if self._metrics is not None:
+                self._metrics.inc("llmc_router_index_lookup_failures_total", model=self.params.model_id,
+                                  reason=reason)
+            self._fell_back(reason)
+        elif self._metrics is not None:
+            self._metrics.observe("llmc_router_index_lookup_seconds", elapsed, model=self.params.model_id)
+        self._record_breaker()
         return held
+
+    def _fell_back(self, reason: str) -> None:
+        """This request is routed without the index (by load, or on this router's recent decisions)."""
+        _REDIS_TALLY.fell_back(self.params.model_id, reason)
+        if self._metrics is not None:
+            self._metrics.inc("llmc_redis_fallbacks_total", component="router", reason=reason)
+
+    def breaker_state(self) -> str | None:
+        """The index's breaker ("closed", "half_open", "open"); None before the index is opened."""
+        fn = getattr(self._index, "breaker_state", None)
+        return fn() if fn is not None else None
+
+    def _record_breaker(self) -> None:
+        # Ray's copy follows the lookups (an open breaker turns half-open with time alone, which only the
+        # next lookup sees); the ingress's GET /metrics reads the state itself at every scrape.
+        state = self.breaker_state()
+        if state != self._breaker_recorded and state in BREAKER_STATES and self._metrics is not None:
+            self._breaker_recorded = state
+            self._metrics.set("llmc_router_redis_breaker_state", BREAKER_STATES[state], model=self.params.model_id)
 
     def _warm(self) -> None:
         """Open the index on this loop (where its connections live) and warm it in the background, at the
@@ -221,6 +318,7 @@ class ReplicaChooser:
                                                breaker_s=self.params.redis_breaker_s)
             except Exception as e:  # noqa: BLE001 — a bad URL must not fail requests: route by load
                 log.warning("prefix index unavailable (%r): routing by load only", e)
+                self._index_unusable = True
                 self.params = self.params.model_copy(update={"redis_url": None})
         return self._index
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.status import check_redis, collect_status, redact_url, render_table
+from cluster.status import check_redis, collect_status, redact_url, render_table, summarize_redis_routing
 from tests.fixtures.ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +85,32 @@ def test_render_table_autoscaler_off_redis_down_and_errors():
     assert down.splitlines()[-1] == "error: no Serve application named 'x'"
 
 
+def test_render_table_redis_routing_and_json():
+    """The ingress replicas' request routers on Redis: the most open breaker (with the mix when they differ),
+    lookup failures and fallbacks summed by reason, and the replicas that did not answer."""
+    from router.replica_choice import RedisRoutingStats
+
+    rr = summarize_redis_routing([
+        RedisRoutingStats(model_id="m", pid=11, replica_id="i1", breaker="open",
+                          lookup_failures={"timeout": 2, "breaker_open": 5}, fallbacks={"timeout": 2, "breaker_open": 5}),
+        RedisRoutingStats(model_id="m", pid=12, replica_id="i2", breaker="closed"),
+        {"model_id": "m", "pid": 13, "breaker": None, "lookup_failures": {"error": 1}, "fallbacks": {"error": 1}},
+    ], ["RayActorError: the actor died"])
+    assert rr["breaker"] == "open" and rr["breaker_states"] == {"open": 1, "closed": 1}
+    assert rr["lookup_failures"] == {"timeout": 2, "breaker_open": 5, "error": 1} == rr["fallbacks"]
+    assert [r["replica_id"] for r in rr["routers"]] == ["i1", "i2", None]
+    report = json.loads(json.dumps({**CRAFTED, "redis_routing": rr}))  # what --json prints
+    lines = render_table(report).splitlines()
+    assert lines.index("redis: redis://:***@redis:6379/0  reachable (0.42 ms)") == len(lines) - 3
+    assert lines[-2] == ("redis routing (3 ingress replicas): breaker=open (1 open, 1 closed)  "
+                         "lookup failures=8 (breaker_open=5 error=1 timeout=2)  fallbacks=8 (breaker_open=5 error=1 timeout=2)")
+    assert lines[-1] == "  OpenAIIngress: RayActorError: the actor died"
+    quiet = summarize_redis_routing([RedisRoutingStats(model_id="m", pid=1, breaker="closed")], [])
+    assert render_table({**CRAFTED, "redis_routing": quiet}).splitlines()[-1] == \
+        "redis routing (1 ingress replica): breaker=closed  lookup failures=0  fallbacks=0"
+    assert render_table(CRAFTED).splitlines()[-1].startswith("redis: ")  # a report without the section
+
+
 def test_redact_url():
     assert redact_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert redact_url("rediss://user:pw@h:6380") == "rediss://user:***@h:6380"
@@ -122,9 +148,28 @@ class FakeLLMReplica:
 class Ingress:
     def __init__(self, replicas):
         self.replicas = replicas
+        self.routed = False
 
     async def __call__(self, request):
         return "ok"
+
+    async def redis_routing(self):
+        """As OpenAIIngress answers it, after the real request router of this process routed two requests
+        against a Redis that refuses connections: one failed lookup, then one skipped by the open breaker."""
+        from ray import serve
+
+        from replicas.protocol import GenerationRequest
+        from router.replica_choice import ReplicaChooser, RoutingParams, redis_routing_stats
+        if not self.routed:
+            self.routed = True
+            self.chooser = ReplicaChooser(RoutingParams(
+                model_id="fake", policy="prefix", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                redis_timeout_ms=2000, redis_breaker_s=600))
+            for k in range(2):
+                await self.chooser.choose(["r1", "r2"], [None, None],
+                                          GenerationRequest(request_id=f"q{k}", prompt_token_ids=list(range(40))))
+        return redis_routing_stats("fake").model_copy(
+            update={"replica_id": serve.get_replica_context().replica_id.unique_id})
 
 
 def _run_fake_app(name, redis_url, fail=False, **replica_opts):
@@ -169,8 +214,15 @@ def test_collect_status_live(fake_app, redis_url):
     assert report["autoscaler"]["target_replicas"] == 2
     # redis_url came from a replica's model_info() (nothing passed, no REDIS_URL)
     assert report["redis"]["reachable"] is True and report["redis"]["url"] == redis_url
+    rr = report["redis_routing"]  # from the ingress replica's request router (Redis refused there)
+    assert rr["errors"] == [] and rr["breaker"] == "open" and rr["breaker_states"] == {"open": 1}
+    assert rr["lookup_failures"] == {"error": 1, "breaker_open": 1} == rr["fallbacks"]
+    [router] = rr["routers"]
+    assert router["model_id"] == "fake" and router["pid"] > 0 and router["replica_id"]
     table = render_table(report)
     assert sum(" healthy " in line for line in table.splitlines()) == 2
+    assert ("redis routing (1 ingress replica): breaker=open  lookup failures=2 (breaker_open=1 error=1)  "
+            "fallbacks=2 (breaker_open=1 error=1)") in table.splitlines()
 
     unknown = collect_status(app_name="no-such-app")
     assert unknown["error"] == "no Serve application named 'no-such-app'"
@@ -199,6 +251,7 @@ def test_cli_status_json_from_another_process(fake_app, redis_url):
     report = json.loads(out.stdout)
     assert report["status"] == "RUNNING" and [r["health"] for r in report["replicas"]] == ["healthy"]
     assert report["redis"]["reachable"] is True
+    assert report["redis_routing"]["breaker"] == "open" and report["redis_routing"]["fallbacks"]["error"] == 1
 
 
 @pytest.mark.slow
@@ -234,4 +287,6 @@ def test_collect_status_on_the_real_app(deploy, redis_url, tiny_model_dir, monke
     assert any(r["hit_rate"] for r in report["replicas"])
     assert report["redis"] == {"url": redis_url, "reachable": True, "latency_ms": report["redis"]["latency_ms"],
                                "error": None}
+    rr = report["redis_routing"]  # the real OpenAIIngress's request router, which has opened the index
+    assert rr["errors"] == [] and len(rr["routers"]) == 1 and rr["breaker"] in ("closed", "half_open", "open")
     print(render_table(report))
