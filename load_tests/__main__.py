@@ -1,9 +1,10 @@
-"""Command line: `python -m load_tests run|sweep|suite ...` (see --help of each).
+"""Command line: `python -m load_tests run|sweep|suite|soak ...` (see --help of each).
 
     python -m load_tests run --url http://127.0.0.1:8000 --workload multiturn --requests 100 --concurrency 8 --out reports/x
     python -m load_tests sweep --url http://127.0.0.1:8000 --workload sharegpt --concurrency 1,2,4,8 --out reports/sweep
     python -m load_tests suite --url http://127.0.0.1:8000 --out reports/suite [--steps multiturn,long_context]
     python -m load_tests suite [--out reports/<date>] [--quick] [--steps routing_policies,autoscaling]
+    python -m load_tests soak --minutes 20 --out reports/soak [--model embedded|tiny] (load_tests/soak.py)
 
 `suite` without --url is the standard suite on local clusters (load_tests.standard: each step starts
 what it needs on 127.0.0.1); `llm-cluster bench` runs the same.
@@ -82,11 +83,18 @@ def parser() -> argparse.ArgumentParser:
     suite.add_argument("--quick", action="store_true", help="local suite: every step shrunk (a few minutes)")
     suite.add_argument("--concurrency", type=int, default=8)
     suite.add_argument("--sweep", type=_floats, default=[1, 2, 4, 8], help="concurrency levels of the sweep step")
+
+    from load_tests.soak import add_arguments as soak_arguments
+    soak_arguments(sub.add_parser("soak", help="a local cluster under mixed load while replicas and Redis are "
+                                  "killed: client errors, RSS over time, KV at the end"))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.cmd == "soak":
+        from load_tests.soak import main_soak
+        return main_soak(a, argv)
     if a.cmd == "suite" and a.url is None:
         return _local_suite(a)
     try:

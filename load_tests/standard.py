@@ -16,6 +16,9 @@ Steps, in this order:
 - autoscaling: tiny-model replicas under bench_autoscaling's queue-depth policy config, a Poisson burst
   (quiet, burst, quiet) while replicas and queue depth are sampled every second.
 
+Optional step, run only when named (`--steps soak`): soak (load_tests.soak: a local cluster under mixed
+load for soak_minutes while replicas and Redis are killed; client errors, RSS over time, KV at the end).
+
 StandardConfig.quick() shrinks every step (a few minutes in all) for the end-to-end test.
 """
 from __future__ import annotations
@@ -82,6 +85,9 @@ class StandardConfig(BaseModel):
     as_requests: int = Field(600, ge=1)  # cap; the phases end the workload first
     as_output: LengthDist = Field(default_factory=lambda: LengthDist(median=32, sigma=0.3, min=8, max=64))
     run_deadline_s: float = Field(300, gt=0)  # any one load run
+    # soak (optional step)
+    soak_minutes: float = Field(20, gt=0)
+    soak_model: str = "embedded"
 
     @classmethod
     def quick(cls, **kw) -> "StandardConfig":
@@ -90,7 +96,8 @@ class StandardConfig(BaseModel):
             lt_input=LengthDist(median=48, sigma=0.5, min=8, max=128), lt_output=LengthDist(median=16, min=4, max=32),
             routing_policies=["pow2", "prefix"], routing_replicas=2, routing_conversations=4, routing_turns=2,
             as_max_replicas=2, as_phases=_burst(0.5, 30.0, before_s=3, burst_s=5, after_s=5), as_requests=200,
-            as_output=LengthDist(median=32, sigma=0.3, min=8, max=64), run_deadline_s=150), **kw})
+            as_output=LengthDist(median=32, sigma=0.3, min=8, max=64), run_deadline_s=150, soak_minutes=1,
+            soak_model="tiny"), **kw})
 
 
 def _free_port() -> int:
@@ -332,7 +339,27 @@ def autoscaling(c: StandardConfig, shared: _Shared) -> Step:
     return Step("autoscaling", fn)
 
 
+def soak(c: StandardConfig, shared: _Shared) -> Step:
+    def fn(_url: str | None, out: Path) -> dict:
+        from load_tests.soak import SoakConfig, run_soak
+        shared.release()  # the soak starts a Ray instance of its own
+        cfg = SoakConfig(minutes=c.soak_minutes, model=c.soak_model, seed=c.seed, progress=False)
+        if c.soak_minutes < 3:  # a short soak: one kill and one Redis kill early enough to see them through
+            cfg = cfg.model_copy(update={"kill_at_s": [c.soak_minutes * 15], "redis_kill_at_s": c.soak_minutes * 30,
+                                         "redis_down_s": c.soak_minutes * 12, "warmup_s": c.soak_minutes * 10})
+        r = run_soak(cfg, out)
+        v, req = r["verdict"], r["requests"]
+        headline = (f"{req['ok']}/{req['sent']} ok, {req['cancelled_by_client']} cancelled by the client, "
+                    f"undocumented errors {sum(req['undocumented_errors'].values())}, documented "
+                    f"{sum(req['documented_errors'].values())}; RSS flat {v['rss_flat']}, KV idle {v['kv_idle']}, "
+                    f"{len(r['replica_kills'])} replica kills replaced {v['replica_kills_recovered']}")
+        return {"report": str(out / "results.json"), "headline": headline, "verdict": v,
+                "requests": {k: req[k] for k in ("sent", "ok", "cancelled_by_client", "errors")}}
+    return Step("soak", fn)
+
+
 STEPS = (serving_vs_transformers, latency_throughput, routing_policies, autoscaling)
+OPTIONAL_STEPS = (soak,)  # run only when named in `only`: a soak takes soak_minutes
 
 
 def machine_info() -> dict:
@@ -356,7 +383,8 @@ def run_standard_suite(out_dir: str | Path, *, quick: bool = False, only: list[s
                        config: StandardConfig | None = None, progress: bool = True) -> dict:
     """Run the standard steps into out_dir; returns each step's digest (suite.json holds them too)."""
     c = config or (StandardConfig.quick() if quick else StandardConfig())
-    return run_suite(None, out_dir, [_in_own_process(step, c) for step in STEPS], only=only,
+    factories = STEPS + tuple(f for f in OPTIONAL_STEPS if only and f.__name__ in only)
+    return run_suite(None, out_dir, [_in_own_process(step, c) for step in factories], only=only,
                      meta={**machine_info(), "mode": "quick" if quick else "full"}, progress=progress)
 
 
