@@ -17,7 +17,10 @@ Ties break at random.
 
 Load = each replica's routing stats (`LLMReplica.record_routing_stats`, refreshed every stats period)
 plus this chooser's own assignments, counted the moment it decides, so that a burst does not pile onto
-one replica before the stats catch up. A slow or absent index (lookup -> None) leaves this chooser's own
+one replica before the stats catch up. With several ingress replicas (`routers`), each router's decisions
+that the stats do not show yet count `routers` times: the other routers, fed alike by the proxy, are
+making as many meanwhile, and without that estimate every router would pile its share of a burst onto
+the same cache holder. A slow or absent index (lookup -> None) leaves this chooser's own
 recent decisions (`router.recent_routes`) as the prefix estimate, weighed against load the same way; a
 prompt it has not routed recently then goes by load alone. When the index answers, the decisions of the
 last `index_lag_s` are added to its answer (holders publish only after computing).
@@ -80,6 +83,10 @@ class RoutingParams(RoutingKnobs):
                                "them (0: the index alone).")
     fresh_s: float = Field(2 * STATS_PERIOD_S, gt=0, description="How long an assignment's prefill counts "
                            "as this router's own at most (a stats refresh from its replica ends it sooner).")
+    routers: int = Field(1, ge=1, description="Ingress replicas routing to the same replicas (each has a "
+                         "router). A router sees only its own decisions until the replicas' stats report them; "
+                         "the others, fed by the same proxy, decide alike meanwhile, so each fresh decision of "
+                         "this router stands for `routers` of them.")
 
 
 class _Assignment:
@@ -172,6 +179,7 @@ class ReplicaChooser:
         self._assigned: dict[str, _Assignment] = {}  # request id -> where this chooser sent it
         self._inflight: defaultdict[str, int] = defaultdict(int)
         self._fresh_tokens: defaultdict[str, int] = defaultdict(int)
+        self._fresh_reqs: defaultdict[str, int] = defaultdict(int)  # assignments the stats do not show yet
         self._fresh: deque[_Assignment] = deque()
         self._stats_seen: dict[str, Any] = {}
         self._recent = RecentRoutes(params.recent_blocks)
@@ -247,13 +255,18 @@ class ReplicaChooser:
     def _loads(self, ids: Sequence[str], stats: Sequence[Mapping[str, Any] | None]) -> tuple[list[float], list[float]]:
         """(requests, queued work in tokens) per candidate."""
         cost = self.params.request_cost_tokens
+        others = self.params.routers - 1
         reqs, work = [], []
         for rid, s in zip(ids, stats):
             s = s or {}  # {} while a new replica has not reported yet
             # max, not sum: once the stats catch up they include this chooser's own requests.
             r = max(s.get("waiting", 0) + s.get("running", 0), self._inflight.get(rid, 0))
+            fresh_tokens = self._fresh_tokens.get(rid, 0)
+            if others:  # the other routers' decisions the stats do not show yet, estimated from ours
+                r += others * self._fresh_reqs.get(rid, 0)
+                fresh_tokens *= self.params.routers
             reqs.append(r)
-            work.append(max(s.get("pending_prefill_tokens", 0), self._fresh_tokens.get(rid, 0)) + cost * r)
+            work.append(max(s.get("pending_prefill_tokens", 0), fresh_tokens) + cost * r)
         return reqs, work
 
     async def _lookup(self, hashes: Sequence[int], replica_ids: Sequence[str]) -> dict[str, int] | None:
@@ -354,6 +367,7 @@ class ReplicaChooser:
         self._assigned[request_id] = a
         self._inflight[rid] += 1
         self._fresh_tokens[rid] += a.tokens
+        self._fresh_reqs[rid] += 1
         self._fresh.append(a)
 
     def moved(self, request_id: str, rid: str) -> None:
@@ -384,12 +398,13 @@ class ReplicaChooser:
         for rid, s in stats.items():
             if s and s != self._stats_seen.get(rid):
                 self._stats_seen[rid] = s
-                if self._fresh_tokens.get(rid):
+                if self._fresh_reqs.get(rid):
                     for a in self._fresh:
                         if a.fresh and a.replica == rid:
                             a.fresh = False
                     self._fresh_tokens[rid] = 0
-        for table in (self._inflight, self._fresh_tokens, self._stats_seen):
+                    self._fresh_reqs[rid] = 0
+        for table in (self._inflight, self._fresh_tokens, self._fresh_reqs, self._stats_seen):
             for rid in [k for k in table if k not in stats]:
                 del table[rid]
         if not self._replica_set.issubset(stats):  # a replica left (stats refreshes come far more often)
@@ -401,6 +416,7 @@ class ReplicaChooser:
         if a.fresh:
             a.fresh = False
             self._fresh_tokens[a.replica] -= a.tokens
+            self._fresh_reqs[a.replica] -= 1
 
     def _expire(self, now: float) -> None:
         horizon = now - self.params.fresh_s
@@ -409,6 +425,7 @@ class ReplicaChooser:
             if a.fresh:
                 a.fresh = False
                 self._fresh_tokens[a.replica] -= a.tokens
+                self._fresh_reqs[a.replica] -= 1
 
 
 def _recorder():

@@ -31,7 +31,7 @@ def router_config(cfg: "ClusterConfig"):
 
     params = RoutingParams(**cfg.router.model_dump(include=set(RoutingKnobs.model_fields)),
                            model_id=served_model_id(cfg.engine), block_size=cfg.engine.block_size,
-                           redis_url=cfg.redis_url)
+                           redis_url=cfg.redis_url, routers=cfg.router.num_router_replicas)
     return RequestRouterConfig(request_router_class=KVAwareRouter, request_router_kwargs=params.model_dump(),
                                request_routing_stats_period_s=STATS_PERIOD_S)
 

@@ -483,3 +483,21 @@ async def test_own_prefill_counts_until_the_replica_stats_refresh():
     assert wins[first] > 20, wins
     c.update({other: replicas[other].routing_stats})  # `first` is gone
     assert c.inflight(first) == 0
+
+
+async def test_several_ingress_routers_spread_a_burst_without_a_hot_spot():
+    """Four ingress replicas, each with its own router, share the replicas and the index; a burst on one
+    prefix held by `a` comes in through all of them before any stats refresh. Each router sees only its
+    own decisions, so without estimating the others' they would each pile their share onto `a`."""
+    routers = 4
+    index = InMemoryPrefixIndex()
+    replicas = [FakeReplica(x) for x in "abc"]
+    prompt = list(range(1000, 1400))
+    await hold(index, replicas[0], prompt)
+    ingress = [make_router(index=index, routers=routers) for _ in range(routers)]
+    load = collections.Counter()
+    for i in range(60):
+        best, _ = await choose(ingress[i % routers], replicas, pending(prompt), complete=False)
+        load[best] += 1
+    assert max(load.values()) <= 1.5 * 60 / 3, load
+    assert load["a"] == max(load.values())  # the holder still gets the most
