@@ -4,8 +4,11 @@
 Per generation request: validate -> tokenize (chat template) and hash blocks -> admission -> one
 `ResumableGeneration` per prompt (failover) -> merge their chunks -> SSE stream or one JSON response.
 The first chunk is awaited before any response starts, so failures before the first token still get a
-proper status code; after it they end the stream with an error event. Responses name the serving replica in
-`x-replica-id` (a stream: the replica of its first chunk, as headers leave before any mid-stream failover).
+proper status code; after it they end the stream with an error event. A stream whose first chunk takes longer
+than `router.sse_keepalive_s` starts anyway and sends SSE comments until it comes (idle proxies would cut it);
+an error before the first token then ends it with the error event too. Responses name the serving replica in
+`x-replica-id` (a stream: the replica of its first chunk, as headers leave before any mid-stream failover;
+none on a stream that started before its first chunk).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from router.middleware import Gatekeeper
 from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, ModelCard, ModelList, UsageInfo)
 from router.shared_load import LoadCancelled, SharedLoad
-from router.responses import ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter
+from router.responses import (KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter,
+                              broken_stream_end)
 from router.tokenization import ModelInfo, PromptPreparer
 
 log = logging.getLogger("llm_cluster.router")
@@ -168,6 +172,8 @@ class OpenAIRouter:
         usage = lambda: _usage(gens)  # noqa: E731
         # _observed's cleanup releases the ticket and the id once the generator has started (next line).
         chunks = self._observed(_merged(gens, reqs[0].sampling.n), gens, ticket, rid, request)
+        if stream:
+            return await self._stream(chunks, fmt, usage, gens)
         try:
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -176,15 +182,40 @@ class OpenAIRouter:
             await chunks.aclose()
             raise
         chunks = _prepend(first, chunks)
-        if stream:
-            # Headers leave now, before any mid-stream failover: they name the replica of the first chunk.
-            return _ClosingStreamingResponse(fmt.stream(chunks, usage), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache", **_replica_header(gens)})
         try:
             result = await fmt.aggregate(chunks, usage)
         finally:
             await chunks.aclose()
         return Response(result.model_dump_json(), media_type="application/json", headers=_replica_header(gens))
+
+    async def _stream(self, chunks: IndexedChunks, fmt: _Formatter, usage: Callable[[], UsageInfo],
+                      gens: list[ResumableGeneration]) -> Response:
+        """The SSE response. A first chunk within `router.sse_keepalive_s` behaves as a non-streaming request's:
+        an error before it still gets its status code, and `x-replica-id` names the replica that sent it
+        (headers leave before any mid-stream failover). A request still waiting then (queued behind others)
+        starts its 200 response without `x-replica-id` (no replica has answered yet) and sends SSE comments
+        until the chunk comes: a proxy's idle timeout would otherwise cut it."""
+        # A task, so that waiting with a timeout does not cancel the generator; it runs only the first step.
+        # Its first step is queued before any wake-up of ours, so a cancelled request finds the generator
+        # started: cancelling the task then runs _observed's cleanup (see _abandon).
+        pending = asyncio.create_task(_first_chunk(chunks))
+        pending.add_done_callback(_retrieved)
+        try:
+            await asyncio.wait({pending}, timeout=self.config.router.sse_keepalive_s)
+        except BaseException:
+            await _abandon(pending, chunks)
+            raise
+        if not pending.done():
+            return _ClosingStreamingResponse(
+                _keepalive_stream(pending, chunks, fmt, usage, self.config.router.sse_keepalive_s),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            first = pending.result()
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return _ClosingStreamingResponse(fmt.stream(_prepend(first, chunks), usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", **_replica_header(gens)})
 
     async def _observed(self, chunks: IndexedChunks, gens: list[ResumableGeneration], ticket: Ticket,
                         rid: str, request: Request) -> IndexedChunks:
@@ -316,6 +347,63 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
             yield item
     finally:
         await rest.aclose()
+
+
+async def _first_chunk(chunks: IndexedChunks):
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    # An error nobody streamed (the client left first) is not worth asyncio's "never retrieved" warning.
+    if not task.cancelled():
+        task.exception()
+
+
+_abandoned: set[asyncio.Task] = set()  # cancelled first-chunk tasks still cleaning up: the loop holds only weak refs
+
+
+async def _abandon(pending: asyncio.Task, chunks: IndexedChunks) -> None:
+    """Ends a stream whose first chunk is (or was) awaited in `pending` and never sent."""
+    if pending.done():
+        await chunks.aclose()
+        return
+    # The generator runs inside `pending` (closing it from here would fail): cancelling the task runs
+    # _observed's cleanup there, which cancels the replica call (freeing the request's KV blocks) and
+    # releases the admission slot. The cancel is synchronous, so it holds even when the await below is
+    # cancelled too (Starlette's disconnect listener cancels again until the response task ends).
+    pending.cancel()
+    _abandoned.add(pending)
+    pending.add_done_callback(_abandoned.discard)
+    await asyncio.wait({pending})
+
+
+async def _keepalive_stream(pending: asyncio.Task, chunks: IndexedChunks, fmt: _Formatter,
+                            usage: Callable[[], UsageInfo], interval: float) -> AsyncIterator[str]:
+    """The body of a stream that started before its first chunk: an SSE comment now and every `interval`
+    until the chunk comes, then the formatter's events. An error before the first token can no longer
+    change the status code: it ends the stream as a mid-stream failure does (error event, `data: [DONE]`).
+    Each comment is also a write that notices a client gone away (ASGI 2.4 tells only through send)."""
+    try:
+        yield KEEPALIVE
+        while not (await asyncio.wait({pending}, timeout=interval))[0]:
+            yield KEEPALIVE
+        try:
+            first = pending.result()
+        except Exception as exc:  # noqa: BLE001 - becomes the stream's error event
+            for event in broken_stream_end(exc, fmt.id):
+                yield event
+            return
+        events = fmt.stream(_prepend(first, chunks), usage)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+    finally:
+        await _abandon(pending, chunks)
 
 
 class _ClosingStreamingResponse(StreamingResponse):

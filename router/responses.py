@@ -17,11 +17,22 @@ from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, C
 log = logging.getLogger("llm_cluster.router")
 
 DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it; it only keeps idle connections alive
 IndexedChunks = AsyncIterator[tuple[int, GenerationChunk]]  # (choice index in the response, chunk)
 
 
 def sse(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
+
+
+def broken_stream_end(exc: Exception, response_id: str) -> list[str]:
+    """The last events of a stream that cannot go on: the error event, then `data: [DONE]`. An APIError (every
+    replica failed, a rejected request) is shown as it is; anything else is a bug of ours: logged, and shown
+    as an internal error, so clients still see the documented shape."""
+    if not isinstance(exc, APIError):
+        log.error("stream %s failed", response_id, exc_info=exc)
+        exc = internal_error()
+    return [sse_error_event(exc), DONE]
 
 
 class _Formatter:
@@ -41,14 +52,9 @@ class _Formatter:
                 async for index, chunk in chunks:
                     if chunk.text or chunk.token_ids or chunk.finish_reason:
                         yield self._event(index, chunk)
-            except APIError as err:  # every replica failed mid-stream: end the stream cleanly
-                yield sse_error_event(err)
-                yield DONE
-                return
-            except Exception:  # a bug of ours mid-stream: still end the stream in the documented shape
-                log.exception("stream %s failed", self.id)
-                yield sse_error_event(internal_error())
-                yield DONE
+            except Exception as exc:  # every replica failed mid-stream, or a bug of ours: end it cleanly
+                for event in broken_stream_end(exc, self.id):
+                    yield event
                 return
             if self.include_usage:
                 yield self._usage_event(usage())
