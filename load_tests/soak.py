@@ -551,7 +551,8 @@ class _Soak:
             rss.stop()
         if sampler is not None:
             await sampler
-        return {"t_end_s": self.t(), "load_end_s": self.load_end_s, "records": self.records, "events": self.events,
+        return {"served_model": self.model, "t_end_s": self.t(), "load_end_s": self.load_end_s,
+                "records": self.records, "events": self.events,
                 "status": self.status, "ray_counters": self.ray_counters, "kv_end": kv,
                 "rss": rss.procs, "rss_samples": rss.samples,
                 "router_metrics": _delta(router_after, router_before),
@@ -697,8 +698,8 @@ def _by_mix(records: list[RequestRecord]) -> dict:
 
 def _window(records: list[RequestRecord], start: float, end: float) -> dict:
     rs = [r for r in records if start <= r.t_s < end]
-    return {"from_s": round(start, 1), "to_s": round(end, 1), "sent": len(rs),
-            "ok": sum(r.outcome == "ok" for r in rs), "errors": error_counts(rs)["all"]}
+    return {"from_s": round(start, 1), "to_s": round(end, 1), "sent": len(rs), "ok": sum(r.outcome == "ok" for r in rs),
+            "cancelled_by_client": sum(r.outcome == "cancelled" for r in rs), "errors": error_counts(rs)["all"]}
 
 
 def _counter_phase(samples: list[dict], start: float, end: float, key: str) -> dict[str, float]:
@@ -748,7 +749,7 @@ def _results(cfg: SoakConfig, raw: dict, *, machine: dict, command: str | None, 
     return {
         "kind": "soak", "verdict": verdict, "command": command, "machine": machine,
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"), "served_model": raw["served_model"],
         "schedule": {"replica_kills_s": cfg.kill_times(), "redis_kill_s": cfg.redis_kill_time(),
                      "redis_down_s": cfg.redis_down_s},
         "startup_s": round(startup_s, 1), "load_s": raw["load_end_s"], "run_s": raw["t_end_s"],
@@ -822,7 +823,7 @@ def plot_soak(results: dict, raw: dict, path: Path) -> str:
             ax.axvline(e["t_s"], color=style[0], ls=style[1], lw=1)
     v = results["verdict"]
     fig.suptitle(f"soak {results['load_s'] / 60:.0f} min, {results['config']['replicas']} replicas of "
-                 f"{results['config']['model']}: red dashed = replica SIGKILL, purple = Redis SIGKILL / restart "
+                 f"{results['served_model']}: red dashed = replica SIGKILL, purple = Redis SIGKILL / restart "
                  f"(dotted), shaded = warm-up; {'passed' if v['passed'] else 'FAILED'}", fontsize=10)
     return _save(fig, path)
 
@@ -831,7 +832,7 @@ def summary_markdown(results: dict) -> str:
     r, v, kv, rss = results["requests"], results["verdict"], results["kv_end"], results["rss"]
     mark = lambda ok: "yes" if ok else "**NO**"  # noqa: E731
     lines = [f"# soak: {results['load_s'] / 60:.1f} min, {results['config']['replicas']} replicas of "
-             f"{results['config']['model']}", "",
+             f"{results['served_model']}", "",
              f"- machine: {results['machine'].get('machine')}; commit {results['machine'].get('commit')}; "
              f"{results['machine'].get('date')}",
              f"- command: `{results['command']}`" if results.get("command") else "",
@@ -858,10 +859,11 @@ def summary_markdown(results: dict) -> str:
              f"{r['output_tokens']} output tokens. Mix: "
              + ", ".join(f"{k} {x['sent']}" for k, x in r["by_mix"].items()) + "."]
     if results["redis"]:
-        red = results["redis"]
+        red, down = results["redis"], results["redis"]["while_down"]
         lines.append(f"\nRedis SIGKILLed at {red['killed_at_s']:.0f} s, "
                      + (f"restarted at {red['restarted_at_s']:.0f} s" if red["restarted_at_s"] else "not restarted")
-                     + f": while down {red['while_down']['ok']}/{red['while_down']['sent']} requests ok; routing "
+                     + f": of the {down['sent']} requests sent while it was down, {down['ok']} ok, "
+                     f"{down['cancelled_by_client']} cancelled by the client, errors {down['errors'] or 0}; routing "
                      f"decisions while down {red['routing_while_down'] or '–'}, Redis fallbacks "
                      f"{red['fallbacks_while_down'] or '–'}.")
     fo = {k: v for k, v in results["router_metrics_delta"].items() if "failovers" in k or "retries" in k}
