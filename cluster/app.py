@@ -26,7 +26,43 @@ def config_from_args(args: Mapping[str, Any] | None) -> ClusterConfig:
     return load_config(path, overrides=dotted, data=nested)
 
 
+def resolve_gpus(cfg: ClusterConfig, cluster_has_gpu: bool | None = None) -> ClusterConfig:
+    """The config with `replicas.num_gpus` concrete, and the engine told what that means.
+
+    Unset: one GPU per TP rank when the cluster has a GPU (engine.device "cpu" opts out), else 0. A replica
+    that asks Ray for no GPU gets device "cpu" when its device is "auto": Ray leaves a host's GPUs visible to
+    such an actor, and the engine would otherwise take cuda:0 outside Ray's accounting. A fraction below 1
+    becomes engine.gpu_share, so replicas sharing a device size their KV pools from their shares instead of
+    from whatever the others left free. Idempotent."""
+    n = cfg.replicas.num_gpus
+    if n is None:
+        if cfg.engine.device == "cpu":
+            n = 0.0
+        elif cfg.engine.device == "cuda":
+            n = 1.0
+        else:
+            n = 1.0 if (_cluster_has_gpu() if cluster_has_gpu is None else cluster_has_gpu) else 0.0
+    engine = {}
+    if n == 0 and cfg.engine.device == "auto":
+        engine["device"] = "cpu"
+    if 0 < n < 1 and cfg.engine.gpu_share is None:
+        engine["gpu_share"] = n
+    return cfg.model_copy(update={"replicas": cfg.replicas.model_copy(update={"num_gpus": n}),
+                                  "engine": cfg.engine.model_copy(update=engine)})
+
+
+def _cluster_has_gpu() -> bool:
+    """Ray's view when Ray is up (the app is built where replicas will not run: a head node, a laptop driving a
+    remote cluster), else this host's."""
+    import ray
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+    return torch.cuda.is_available()
+
+
 def replica_options(cfg: ClusterConfig) -> dict[str, Any]:
+    cfg = resolve_gpus(cfg)
     tp = cfg.engine.tp_size
     bundle = {"CPU": cfg.replicas.num_cpus}
     if cfg.uses_gpu:
@@ -93,6 +129,7 @@ def build_app_from_config(cfg: ClusterConfig) -> Application:
     from replicas.deployment import LLMReplica
     from router.api import OpenAIIngress
 
+    cfg = resolve_gpus(cfg)  # once: the replicas and the ingress see the same resources
     replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg)
     return serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg, replica)
 

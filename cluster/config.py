@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from replicas.engine.config import EngineConfig
 
@@ -30,7 +30,10 @@ class _Section(BaseModel):
 class ReplicaSettings(_Section):
     num_replicas: int = Field(1, ge=0, description="Fixed replica count when autoscaling is off.")
     num_cpus: float = Field(1, gt=0, description="CPUs per TP rank (bundle).")
-    num_gpus: float = Field(0, ge=0, description="GPUs per TP rank; 0 runs on CPU.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per TP rank. Unset (or 'auto'): 1 when the Ray "
+                                   "cluster (or, before Ray starts, this host) has a GPU and engine.device is not "
+                                   "cpu, else 0. 0 runs on CPU; below 1 shares a GPU, and each replica sizes its KV "
+                                   "pool from its share. Resolved when the app is built (cluster.app.resolve_gpus).")
     torch_threads: int | None = Field(None, ge=1, description="CPU replicas: torch threads of each; unset = the "
                                       "machine's cores shared among the replicas this config can run (at least "
                                       "num_cpus), unless the Ray runtime env sets OMP_NUM_THREADS.")
@@ -47,6 +50,11 @@ class ReplicaSettings(_Section):
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain time on downscale.")
     max_replicas_per_node: int | None = Field(None, ge=1, description="Hard cap per Ray node (tp_size 1 only: Serve "
                                               "forbids it with placement groups); unset = Serve's default soft SPREAD.")
+
+    @field_validator("num_gpus", mode="before")
+    @classmethod
+    def _auto_gpus(cls, v):
+        return None if isinstance(v, str) and v.strip().lower() == "auto" else v
 
 
 class AutoscalingSettings(_Section):
@@ -119,7 +127,8 @@ class ClusterConfig(_Section):
 
     @property
     def uses_gpu(self) -> bool:
-        return self.replicas.num_gpus > 0
+        """Once resolved (`cluster.app.resolve_gpus`); an unset num_gpus reads as no GPU."""
+        return bool(self.replicas.num_gpus)
 
 
 # ---------------------------------------------------------------- loading

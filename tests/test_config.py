@@ -88,7 +88,8 @@ def test_serve_args_nested_and_dotted():
 
 
 def test_serve_options_from_config():
-    cpu = replica_options(config_from_args({"engine.tp_size": "2", "replicas.num_replicas": "3"}))
+    cpu = replica_options(config_from_args({"engine.tp_size": "2", "replicas.num_replicas": "3",
+                                            "replicas.num_gpus": "0"}))
     assert cpu["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1}]
     assert cpu["placement_group_strategy"] == "STRICT_PACK" and cpu["num_replicas"] == 3
     gpu = replica_options(config_from_args({"engine.tp_size": "2", "replicas.num_gpus": "1",

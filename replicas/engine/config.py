@@ -20,12 +20,20 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16, description="Context limit; defaults to the model's.")
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int | None = Field(None, ge=2, description="KV pool size in blocks; overrides the fraction.")
-    kv_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU: share of free memory for KV.")
+    kv_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU: share of free memory for KV; with "
+                                      "gpu_share, the share of this replica's part of the device that weights, "
+                                      "activations and KV together may take.")
+    gpu_share: float | None = Field(None, gt=0, le=1, description="GPU: the fraction of the device this replica "
+                                    "owns (set from a fractional replicas.num_gpus). Its KV pool is then sized from "
+                                    "gpu_share x total memory, not from what other replicas left free.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU: KV pool size when num_kv_blocks is unset.")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per engine step.")
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(False, description="GPU: disable CUDA graphs.")
+    warmup: bool = Field(True, description="Run throwaway requests through prefill, chunked prefill, a prefix "
+                         "hit, decode batches and sampling before serving, so kernels compile then and not in "
+                         "the first client's request. Leaves no cached block, KV event or counter behind.")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from replicas.engine.models import ModelArgs, TPInfo
 from replicas.engine.sampler import Sampler, SamplingBatch
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence
-from replicas.protocol import EngineError, GenerationChunk, GenerationRequest, TokenLogprob, Usage
+from replicas.protocol import EngineError, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +96,122 @@ class LLMEngine:
             self.runner = self.workers.make_runner(args)
         else:
             self.runner = ModelRunner(config, args)
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
-                                          enable_prefix_caching=config.enable_prefix_caching,
-                                          extra_key=extra_key(self.model_id))
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed)
         self.on_blocks_stored = on_blocks_stored
         self.on_blocks_evicted = on_blocks_evicted
         self.requests: dict[str, _Request] = {}
+        self._fresh_state()
+        if config.warmup:
+            try:
+                self.warm_up()
+            except BaseException:
+                self.shutdown()  # TP: no worker rank outlives an engine that failed to start
+                raise
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self) -> None:
+        """Run throwaway requests through the paths a request takes: a prefill of a full token budget and a
+        chunked remainder, a prefix-cache hit, decode at every batch size up to max_num_seqs and the sampler's
+        stages. Triton kernels compile, cuBLAS and lazily loaded CUDA modules load and the allocator grows
+        here, not in the first client's request (seconds on a GPU otherwise). Leaves nothing behind: no block
+        cached or in use, no KV event published (the hooks are off meanwhile), counters and the sampler's
+        generator as freshly built."""
+        hooks = self.on_blocks_stored, self.on_blocks_evicted
+        self.on_blocks_stored = self.on_blocks_evicted = None
+        t0 = time.perf_counter()
+        num_requests = 0
+        try:
+            for phase in self._warmup_phases():
+                for req in phase:
+                    self.add_request(req)
+                num_requests += len(phase)
+                for _ in range(100_000):
+                    if not self.has_unfinished():
+                        break
+                    self.step()
+                    if self.failures:
+                        rid, exc = self.failures[0]
+                        raise RuntimeError(f"engine warm-up request {rid} failed: {exc!r}") from exc
+                else:
+                    raise RuntimeError("engine warm-up did not finish")
+            steps = self.num_steps
+        finally:
+            self.on_blocks_stored, self.on_blocks_evicted = hooks
+            for rid in list(self.requests):  # left only by a failure
+                self.abort_request(rid)
+            self._fresh_state()
+        log.info("engine warm-up: %d requests, %d steps in %.2fs", num_requests, steps, time.perf_counter() - t0)
+
+    def _warmup_phases(self) -> list[list[GenerationRequest]]:
+        """Request batches, run one after another, sized to this engine's pool and context.
+
+        GPU: the attention kernel compiles one variant per query tiling (16 or 64 rows) and key-range split count
+        (1 to 16, from the step's programs and longest context), the fused kernels per token-count class, and
+        steps past the CUDA graphs' sizes run eagerly. So: a long prefill (full-budget chunks, then a remainder
+        that is neither a graph's size nor a multiple of 16), then a context sweep, single requests over a cached
+        prefix of 0 to 4096 tokens whose 300- and 600-token prefills and batch-1 decodes take each tiling at
+        each split count. CPU: nothing compiles; a short prompt and a few small batches, all in one batch (the
+        prefix hit finds blocks cached earlier in the same step), so a few steps suffice."""
+        cfg, bs = self.config, self.block_size
+        gpu = self.runner.device.type == "cuda"
+        pool = self.block_manager.num_blocks
+        cap = min(self.max_model_len, pool * bs)  # tokens one sequence can hold
+
+        def tokens(n: int, salt: int) -> list[int]:
+            return [(salt * 1_000_003 + 7919 * i + 11) % self.vocab_size for i in range(n)]
+
+        def req(name: str, prompt: list[int], max_tokens: int, **sampling) -> GenerationRequest:
+            sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **{"temperature": 0.0, **sampling})
+            return GenerationRequest(request_id=f"warmup-{name}", prompt_token_ids=prompt, sampling=sp)
+
+        phases = []
+        long = tokens(min(max(cfg.max_num_batched_tokens, 4096) + 300 if gpu else 2 * bs + 1, cap - 2), 0)
+        if not long:
+            return []
+        phases.append([req("prefill", long, 2)])
+        # A prefix hit: the cached full blocks of that prompt, then a short new tail.
+        cached = (len(long) - 1) // bs * bs
+        if cached:
+            hit = long[:cached] + tokens(2, 1)
+            if len(hit) + 2 <= cap:
+                phases.append([req("prefix-hit", hit, 2)])
+        if gpu:
+            for context in (0, 256, 512, 1024, 2048, 4096):
+                prefix = long[:context // bs * bs]
+                for new in (300, 600):
+                    if context <= cached and len(prefix) + new + 2 <= cap:
+                        phases.append([req(f"context-{context}-{new}", prefix + tokens(new, context + new), 2)])
+        # Decode: request i stops after i + 1 tokens, so the batch shrinks through every size; the sampler's
+        # stages (seeded, so the engine's generator is not drawn from) and logprobs ride along.
+        samplings = [{}, {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1},
+                     {"temperature": 1.0, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5,
+                      "frequency_penalty": 0.1, "seed": 2}, {"logprobs": 2}]
+        batch, blocks = [], 0
+        for i in range(min(cfg.max_num_seqs, 64 if gpu else len(samplings))):
+            prompt, out = tokens(bs + 1, 2 + i), i + 1
+            blocks += self.block_manager.blocks_needed(len(prompt) + out)
+            if blocks > pool or len(prompt) + out > self.max_model_len:
+                break
+            batch.append(req(f"decode-{i}", prompt, out, **samplings[i % len(samplings)]))
+        if batch:
+            phases.append(batch)
+        return phases if gpu else [[r for phase in phases for r in phase]]
+
+    def _fresh_state(self) -> None:
+        """An empty pool and prefix cache, no queued work, zero counters, the sampler's generator at its seed."""
+        cfg = self.config
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, cfg.block_size,
+                                          enable_prefix_caching=cfg.enable_prefix_caching,
+                                          extra_key=extra_key(self.model_id))
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens)
+        self.sampler = Sampler(cfg.seed)
         self.failures: list[tuple[str, BaseException]] = []
         self.num_steps = 0
         self.num_computed_tokens = 0
         self.last_step_unix: float | None = None
+        if getattr(self.runner, "graphs", None) is not None:
+            self.runner.graphs.replays = dict.fromkeys(self.runner.graphs.replays, 0)
 
     # ------------------------------------------------------------------ requests
 

@@ -3,6 +3,7 @@ a scheduled batch into one forward pass returning logits for the sequences that 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from replicas.engine.weights import load_weights
 
 # LLMC_MIXED_GRAPHS=0: small mixed/prefill steps run eagerly (A/B timing); decode steps keep their graphs.
 _MIXED_GRAPHS = os.environ.get("LLMC_MIXED_GRAPHS", "1") != "0"
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,6 +54,17 @@ def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtyp
     return torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def kv_budget_bytes(*, free: int, total: int, fraction: float, share: float | None, own: int) -> int:
+    """Bytes for a GPU KV pool. A whole device (share None): `fraction` of what is free once the weights are
+    loaded. A share of a device (replicas with a fractional num_gpus): share x total x fraction, less this
+    replica's own weights and peak activations (`own`), whatever the other replicas on the device hold when this
+    one starts, so equal shares get equal pools. Never more than `fraction` of what is free: an overcommitted
+    device (a process beyond its share) gives a smaller pool rather than an out-of-memory error."""
+    if share is None:
+        return int(free * fraction)
+    return max(0, min(int(share * total * fraction) - own, int(free * fraction)))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, args: ModelArgs, tp: TPInfo = TPInfo()):
         self.config = config
@@ -64,13 +77,13 @@ class ModelRunner:
         with _default_dtype(self.dtype), torch.device(self.device):
             self.model = CausalLM(args, tp).eval()
         load_weights(self.model, Path(config.model))
-        self.num_kv_blocks = self._allocate_kv_cache(args, tp)
         attn = self.model.model.layers[0].self_attn
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads
         self.num_kv_heads = attn.num_kv_heads
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
             if self.device.type == "cuda" else 0
-        self.graphs = None
+        self.graphs = None  # set after the KV pool: a profiling step runs eagerly before it
+        self.num_kv_blocks = self._allocate_kv_cache(args, tp)
         if self.device.type == "cuda" and not config.enforce_eager:
             max_len = config.max_model_len or args.max_position_embeddings
             self.graphs = StepGraphs(self.model, max_batch=config.max_num_seqs,
@@ -87,8 +100,7 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            num_blocks = int(free * self.config.kv_memory_fraction) // per_block
+            num_blocks = self._gpu_kv_budget(args) // per_block
         else:
             num_blocks = int(self.config.cpu_kv_cache_gib * 2**30) // per_block
         if tp.size > 1:  # every rank must hold every block id rank 0's block manager hands out
@@ -99,12 +111,55 @@ class ModelRunner:
             raise ValueError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
         # GPU: one spare block past the pool takes the K/V writes of CUDA-graph padding rows.
         spare = 1 if self.device.type == "cuda" else 0
-        shape = (2, args.num_layers, num_blocks + spare, self.block_size, attn.num_kv_heads, attn.head_dim)
+        self._set_kv_cache(args, num_blocks + spare)
+        return num_blocks
+
+    def _set_kv_cache(self, args: ModelArgs, num_blocks: int) -> None:
+        attn = self.model.model.layers[0].self_attn
+        shape = (2, args.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
-        return num_blocks
+
+    def _gpu_kv_budget(self, args: ModelArgs) -> int:
+        """Bytes for the KV pool on this GPU (see `kv_budget_bytes`)."""
+        share = self.config.gpu_share
+        own = 0
+        if share is not None:
+            # Counted from the model, not from the allocator: the figure is this replica's alone even when
+            # several engines share one process (tests), and it is the same for every replica of a model.
+            weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+            own = weights + self._profile_step_bytes(args)
+        free, total = torch.cuda.mem_get_info(self.device)
+        fraction = self.config.kv_memory_fraction
+        if share is not None and int(free * fraction) < int(share * total * fraction) - own:
+            log.warning("GPU share %.2f: the device has only %.1f GiB free, less than the share's KV budget; "
+                        "the KV pool is sized from free memory (other processes use more than their shares)",
+                        share, free / 2**30)
+        return kv_budget_bytes(free=free, total=total, fraction=fraction, share=share, own=own)
+
+    @torch.inference_mode()
+    def _profile_step_bytes(self, args: ModelArgs) -> int:
+        """Peak activation bytes of the largest step (a full token budget of prefill, logits for a full batch),
+        run eagerly on a pool just big enough for it. Every TP rank runs it (the forward's collectives)."""
+        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len or args.max_position_embeddings)
+        blocks = -(-tokens // self.block_size)
+        self._set_kv_cache(args, blocks)
+        rows = min(tokens, self.config.max_num_seqs)
+        step = StepInputs(token_ids=[0] * tokens, starts=[0], lengths=[tokens], block_tables=[list(range(blocks))],
+                          sample_rows=list(range(tokens - rows, tokens)))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(step)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.kv_cache = None  # release the profiling pool before the real one is sized
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return max(0, peak)
 
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Compute `num_tokens[i]` tokens of each `seqs[i]`; return the sequences whose prompt+output is
