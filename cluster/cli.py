@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             from cluster.launcher import serve_forever
-            serve_forever(_load(args))
+            from cluster.model_check import check_engine_model
+            cfg = _load(args)
+            # Before Ray, Redis or Serve start: a model the engine cannot load is one line and exit 2 here,
+            # not a traceback from a replica after the whole cluster came up.
+            check_engine_model(cfg.engine)
+            serve_forever(cfg)
         elif args.cmd == "prepare-model":
             from cluster.model_prep import prepare_embedded_model
             print(prepare_embedded_model(force=args.force))

@@ -42,6 +42,10 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
     with contextlib.ExitStack() as stack:
         # Prepare the model here, with a progress bar the user sees, not silently inside a replica.
         cfg = cfg.model_copy(update={"engine": resolve_engine_config(cfg.engine)})
+        # First in, last out: should this process die without running the exits below (SIGKILL, OOM), the
+        # reaper ends the local Ray node; Ray's own fate-sharing leaves the raylet's agents running a minute.
+        from cluster.reaper import reaping_on_death
+        reaper = stack.enter_context(reaping_on_death())
         if not cfg.redis_url:
             from cluster.redis_server import EmbeddedRedis
             redis = stack.enter_context(EmbeddedRedis())
@@ -49,10 +53,14 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
             log.info("embedded Redis on %s", redis.url)
         started_ray = not ray.is_initialized()
         if started_ray:
-            init_ray(address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
-                     include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+            ctx = init_ray(
+                address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
+                include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
             stack.callback(ray.shutdown)
+            session_dir = getattr(ctx, "address_info", {}).get("session_dir")
+            if session_dir and not ray_address:  # a node of our own, not a cluster we joined
+                reaper.watch(session_dir)
         serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})
         stack.callback(serve.shutdown)
         serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix="/", blocking=False)

@@ -7,14 +7,18 @@ cache that replicas resync, so a restart deliberately comes back empty (as a cra
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -34,6 +38,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded in the parent: the child between fork and exec should do no more than one libc call.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _die_with(parent_pid: int):
+    """preexec_fn: the server gets SIGKILL when its parent dies, however it dies (SIGKILL, OOM killer).
+
+    Why the kernel's parent-death signal and not a watchdog: it needs no extra process that could itself be
+    killed or stopped, it fires at once, and it works across start_new_session (the server leaves the
+    launcher's session so that a terminal's Ctrl-C reaches only the launcher, which rules out process-group
+    cleanup). SIGKILL, not SIGTERM: a paused (SIGSTOPped) server could not act on SIGTERM, and nothing is
+    persisted, so there is nothing to flush."""
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _popen(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen from a thread that lives as long as the process. The parent-death signal follows the
+    *thread* that forked the child (prctl(2)): a server started from a short-lived worker thread (a test's
+    executor, a fault-injection thread) would be killed when that thread ends."""
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="redis-spawner")
+    return _spawner.submit(subprocess.Popen, *args, **kwargs).result()
 
 
 def _ping(port: int, timeout_s: float) -> bool:
@@ -84,13 +124,13 @@ class EmbeddedRedis:
         self._dir = self._dir or tempfile.mkdtemp(prefix="llmc-redis-")
         log = open(Path(self._dir) / "redis.log", "ab")
         try:
-            self._proc = subprocess.Popen(
+            self._proc = _popen(
                 [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", self._dir, "--daemonize", "no", "--protected-mode", "yes"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 # Own session: a terminal Ctrl-C reaches the launcher only, which stops Serve (replicas
                 # drop their index entries) before it stops Redis.
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_die_with(os.getpid()))
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout_s

@@ -5,27 +5,16 @@ only this tensor-parallel rank's rows or columns; fused modules (qkv, gate_up) t
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from replicas.engine.checkpoint import checkpoint_files
+
 # Checkpoint tensors we have no parameter for, by design (rotary tables are computed, not loaded).
 _IGNORED = ("rotary_emb.inv_freq",)
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / n for n in names]
-    single = d / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {d}")
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from replicas.engine import gemv
 from replicas.engine.fused import fused
+from replicas.engine.models.args import rope_type
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies, with Llama-3 ("llama3") or linear position scaling applied."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    kind = rope_type(scaling)  # refuses the types the engine does not implement
     if kind == "default":
         return inv
     if kind == "linear":
@@ -224,7 +225,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+    raise AssertionError(f"rope_type {kind!r} is in SUPPORTED_ROPE_TYPES but not implemented here")
 
 
 class RotaryEmbedding(nn.Module):
