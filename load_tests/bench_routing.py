@@ -275,8 +275,8 @@ def main(argv=None) -> int:
                    "working set (every conversation's final context), split evenly over the replicas: 1.0 holds "
                    "it once, as full caches do (sessions 2-4 ran 1.25, where a random pick's stale copies survive: "
                    "docs/benchmarks.md, Routing policies, session 5)")
-    # Not the config's 5 ms: on the shared 2-core box (load average 15-50) the router's lookups wait for CPU,
-    # and at 5 ms 154 of 160 decisions fell back to load only (docs/benchmarks.md, Routing policies).
+    # Not the config's budget: where replicas share a few cores with the router, its lookups wait for CPU and
+    # a tight budget sends most decisions to the load-only fallback, so the run would not measure the policy.
     p.add_argument("--redis-timeout-ms", type=float, default=250.0, help="router.redis_timeout_ms for the run")
     p.add_argument("--prefix-weight", type=float, default=None, help="default: the config's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",

@@ -75,7 +75,8 @@ def test_probes_from_second_zero_get_200_once_the_replica_is_up(tiny_model_dir, 
             after = [s for t, s in out if t >= firsts[path]]
             assert len(after) >= KEEP_S, (path, after)  # probes kept coming
             assert all(s == 200 for s in after), (path, [s for s in after if s != 200][:10])
-        # The early probes really did give up while nothing answered: the case that used to break it.
+        # The early probes really did give up while nothing answered: a probe abandoned mid-load must not
+        # break the load for the probes after it.
         assert any(s != 200 for t, s in results["/v1/models"] if t < up)
     finally:
         stop.set()

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 ENABLED = os.environ.get("LLMC_GEMV", "1") not in ("", "0") and os.environ.get("LLMC_NO_FUSION", "") in ("", "0")
-# One row by default: at 4 and 8 rows the tl.dot path with its fused stages measured ~8% slower per layer than
-# cuBLAS + the separate kernels (docs/bench-gpu/h100-gemv-sweep2.json, "layer"), at one row ~10% faster.
+# One row by default: at 4 and 8 rows the tl.dot path with its fused stages is slower per layer than cuBLAS +
+# the separate kernels, at one row faster (bench_gemv's "layer" sweep, docs/bench-gpu/h100-gemv-sweep2.json).
 MAX_M = int(os.environ.get("LLMC_GEMV_MAX_M", "1"))
 # The LM head (vocab rows): its own switch, since cuBLAS may stream a matrix this tall as well.
 LM_HEAD = os.environ.get("LLMC_GEMV_LM_HEAD", "1") not in ("", "0")

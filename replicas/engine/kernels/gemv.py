@@ -128,8 +128,8 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K), from load_tests/bench_gemv.py's sweeps on an H100
-# (2026-11-21; docs/bench-gpu/h100-gemv-sweep*.json): two rows per program with the whole 4096-wide K in one
+# (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K), picked by load_tests/bench_gemv.py's sweeps on an H100
+# (docs/bench-gpu/h100-gemv-sweep*.json): two rows per program with the whole 4096-wide K in one
 # block keeps the most bytes in flight (and reads the norm's input once). The qkv and gate_up (SiLU: 14336 row
 # pairs) entries were picked with their norm prologue on. Anything not listed takes the default.
 DEFAULT_CONFIG = (4, 1024, 4)
@@ -141,9 +141,9 @@ DEFAULT_CONFIG_DOT = (16, 512, 4)
 CONFIGS_DOT: dict[tuple[int, int], tuple[int, int, int]] = {
     (6144, 4096): (32, 256, 4), (4096, 4096): (16, 512, 4), (14336, 4096): (32, 128, 4),
     (28672, 4096): (32, 128, 4), (4096, 14336): (16, 512, 4)}
-# Other devices: where the device's name contains the tag, its entries replace the table's. H200 (its sweep,
-# 2026-11-21, docs/bench-gpu/h200-s4-gemv.json): four rows per program, down with 2048-wide K blocks (graph
-# replay of batch-1 decode 4.67 -> 4.60 ms against the H100 table).
+# Other devices: where the device's name contains the tag, its entries replace the table's. H200 (its own
+# sweep, docs/bench-gpu/h200-s4-gemv.json): more bandwidth per SM wants more bytes in flight, so four rows per
+# program, and down with 2048-wide K blocks.
 DEVICE_CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int]]] = {
     "H200": {(6144, 4096): (4, 4096, 8), (4096, 4096): (4, 4096, 8), (28672, 4096): (4, 4096, 8),
              (4096, 14336): (4, 2048, 4), (128256, 4096): (4, 4096, 8)}}
