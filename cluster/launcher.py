@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from cluster.config import ClusterConfig
 
@@ -52,6 +55,11 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
             cfg = cfg.model_copy(update={"redis_url": redis.url})
             log.info("embedded Redis on %s", redis.url)
         started_ray = not ray.is_initialized()
+        if started_ray and not ray_address:
+            # Ray's processes read these at import: they must be in the environment the local node inherits.
+            state_dir = tempfile.mkdtemp(prefix="llmc-ingress-")
+            stack.callback(shutil.rmtree, state_dir, True)
+            stack.enter_context(_environ(ingress_env(cfg, state_dir)))
         if started_ray:
             ctx = init_ray(
                 address=ray_address or "local", num_cpus=None if ray_address else (num_cpus or _logical_cpus(cfg)),
@@ -65,6 +73,44 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
         stack.callback(serve.shutdown)
         serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
         yield cfg
+
+
+def ingress_env(cfg: ClusterConfig, state_dir: str) -> dict[str, str]:
+    """The Ray Serve environment that puts `router.http_proxy` in front of the ingress replicas."""
+    if cfg.router.http_proxy != "haproxy":
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Per node of ours, so two clusters on one host do not share HAProxy's files or its metrics port.
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state_dir, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state_dir, "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(cfg.router.host)),
+        # A stopping ingress replica keeps serving this long so HAProxy takes it out first; Serve's 30 s
+        # default waits for external load balancers, and HAProxy here reloads within a second.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(env: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _logical_cpus(cfg: ClusterConfig) -> int:

@@ -76,6 +76,7 @@ def test_sigkilled_launcher_leaves_no_process_behind(tiny_model_dir, tmp_path):
         assert "redis-server" in names, names
         assert "raylet" in names and "gcs_server" in names, names
         assert any("LLMReplica" in n or "ServeReplica" in n for n in names), names
+        assert "haproxy" in names, names  # router.http_proxy's default: HAProxy in front of the ingress
 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
