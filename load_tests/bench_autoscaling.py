@@ -193,8 +193,8 @@ def measure_scale_up(base: str, model_dir: str, concurrency: int = 10, target: i
     """Burst -> first decision line and -> `target` replicas RUNNING; then idle -> back to 1. Every
     request of the burst is counted; the decision lines logged meanwhile come back too."""
     from ray import serve
-    deploy(autoscaling_config(model_dir, **{"autoscaling.max_replicas": target, **overrides}))
-    try:
+    try:  # a deploy that times out (a test's timeout fires inside serve.run) must still be deleted
+        deploy(autoscaling_config(model_dir, **{"autoscaling.max_replicas": target, **overrides}))
         wait_ready(base)
         wait_for(lambda: running_replicas() == 1, 60, what="1 replica")
         tail = LogTail()
@@ -235,8 +235,8 @@ def measure_replacement(base: str, model_dir: str, **overrides) -> dict:
     """2 replicas under load, one stalled: time until Serve drops it (the replica exits once the stall
     outlasts stall_timeout_s; Serve logs it crashed) and until its replacement has served a request."""
     from ray import serve
-    deploy(tiny_config(model_dir, **{"replicas.num_replicas": 2, **overrides}))
-    try:
+    try:  # deleted even when the deploy itself times out
+        deploy(tiny_config(model_dir, **{"replicas.num_replicas": 2, **overrides}))
         wait_ready(base)
         wait_for(lambda: running_replicas() == 2, 60, what="2 replicas")
         before = replica_ids(base)
