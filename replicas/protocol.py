@@ -11,6 +11,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class StructuredOutput(BaseModel):
+    """A grammar the output must follow, enforced by constrained decoding (replicas.engine.grammar):
+    any JSON object, or JSON valid against `json_schema` (a JSON Schema as JSON text)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["json_object", "json_schema"]
+    json_schema: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StructuredOutput":
+        if (self.kind == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required for kind json_schema, and only for it")
+        return self
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,6 +41,8 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[int] = Field(default_factory=list)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI)
+    structured: StructuredOutput | None = None  # constrained decoding; also applies to failover resume tokens
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-k alternatives per token; None -> off
     include_stop_str_in_output: bool = False
@@ -43,6 +60,9 @@ class GenerationRequest(BaseModel):
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     priority: int = 0  # lower runs first; FCFS within a priority
+    # Prefix-cache namespace: mixed into every block hash (kvstore.hashing.extra_key), so requests of
+    # different salts (tenants) never share cached blocks, in the engine or the router's index.
+    cache_salt: str | None = None
     # Failover: output tokens already delivered to the client by a previous replica. The engine
     # treats them as generated (they count toward max_tokens and penalties) and continues after them.
     resume_token_ids: list[list[int]] | None = None  # one list per choice index (n entries)

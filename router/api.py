@@ -33,8 +33,10 @@ from router.failover import ResumableGeneration
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.middleware import Gatekeeper
 from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                             CompletionResponse, ModelCard, ModelList, UsageInfo)
+                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                             TokenizeRequest, TokenizeResponse, UsageInfo, VersionResponse, _SamplingFields)
 from router.shared_load import LoadCancelled, SharedLoad
+from router.structured import response_format_output
 from router.responses import (KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter,
                               broken_stream_end)
 from router.tokenization import ModelInfo, PromptPreparer
@@ -112,33 +114,81 @@ class OpenAIRouter:
 
     # ------------------------------------------------------------------ endpoints
 
+    @staticmethod
+    def _common(body: _SamplingFields, request: Request, p: PromptPreparer) -> None:
+        """Checks and bookkeeping every generation request shares."""
+        OpenAIRouter._check_model(body.model, p)
+        p.check_token_ids([int(t) for t in body.logit_bias or {}], "logit_bias")
+        p.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+        request.state.user = body.user or body.safety_identifier
+
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         p = await self.preparer()
-        self._check_model(body.model, p)
+        self._common(body, request, p)
         prompts = await _off_loop_if_large(request, p.completion_prompts, body.prompt)
         specs = [(ids, body.sampling(p.max_tokens(len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)),
-                  p.block_hashes(ids)) for ids in prompts]
+                  p.block_hashes(ids, body.cache_salt)) for ids in prompts]
+        n = body.n or 1
+        echo = None
+        if body.echo:
+            if isinstance(body.prompt, str):
+                texts = [body.prompt]
+            elif isinstance(body.prompt[0], str):
+                texts = list(body.prompt)
+            else:  # token ids
+                texts = [p.tokenizer.decode(ids) for ids in prompts]
+            echo = [texts[k // n] for k in range(len(specs) * n)]
         fmt = lambda rid: CompletionFormatter(  # noqa: E731
-            f"cmpl-{rid}", p.info.model_id, len(specs) * (body.n or 1), logprobs=body.logprobs is not None,
-            include_usage=body.include_usage)
-        return await self._serve(request, specs, fmt, bool(body.stream))
+            f"cmpl-{rid}", p.info.model_id, len(specs) * n, logprobs=body.logprobs is not None,
+            include_usage=body.include_usage, continuous_usage=body.continuous_usage, echo=echo)
+        return await self._serve(request, specs, fmt, bool(body.stream), priority=body.priority or 0,
+                                 cache_salt=body.cache_salt)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         p = await self.preparer()
-        self._check_model(body.model, p)
+        self._common(body, request, p)
         ids = await _off_loop_if_large(request, p.encode_chat, body.template_messages())
         p.check_ids(ids)
-        specs = [(ids, body.sampling(p.max_tokens(len(ids), body.requested_max_tokens(), None)),
-                  p.block_hashes(ids))]
+        sampling = body.sampling(p.max_tokens(len(ids), body.requested_max_tokens(), None))
+        structured = response_format_output(body.response_format)
+        if structured is not None:
+            sampling = sampling.model_copy(update={"structured": structured})
+        specs = [(ids, sampling, p.block_hashes(ids, body.cache_salt))]
         fmt = lambda rid: ChatFormatter(  # noqa: E731
             f"chatcmpl-{rid}", p.info.model_id, body.n or 1, logprobs=bool(body.logprobs),
-            include_usage=body.include_usage)
-        return await self._serve(request, specs, fmt, bool(body.stream))
+            include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+        return await self._serve(request, specs, fmt, bool(body.stream), priority=body.priority or 0,
+                                 cache_salt=body.cache_salt)
 
     async def models(self) -> ModelList:
         p = await self.preparer()
-        return ModelList(data=[ModelCard(id=p.info.model_id, created=int(time.time()),
-                                         max_model_len=p.info.max_model_len)])
+        return ModelList(data=[self._card(p)])
+
+    @staticmethod
+    def _card(p: PromptPreparer) -> ModelCard:
+        return ModelCard(id=p.info.model_id, created=int(time.time()), max_model_len=p.info.max_model_len)
+
+    async def model(self, model_id: str) -> ModelCard:
+        p = await self.preparer()
+        self._check_model(model_id, p)
+        return self._card(p)
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        p = await self.preparer()
+        self._check_model(body.model, p)
+        if body.messages is not None:
+            ids = p.encode_chat([m.template_dict() for m in body.messages],
+                                add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = p.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=p.info.max_model_len, tokens=ids)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        p = await self.preparer()
+        self._check_model(body.model, p)
+        if body.tokens:
+            p.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=p.tokenizer.decode(body.tokens))
 
     async def ready(self) -> JSONResponse:
         info = await self._model_info(READY_TIMEOUT_S)
@@ -155,12 +205,14 @@ class OpenAIRouter:
         return rid
 
     async def _serve(self, request: Request, specs: list[tuple[list[int], SamplingParams, list[int]]],
-                     make_fmt: Callable[[str], _Formatter], stream: bool) -> Response:
+                     make_fmt: Callable[[str], _Formatter], stream: bool, *, priority: int = 0,
+                     cache_salt: str | None = None) -> Response:
         ticket = self.admission.admit()
         rid = self._claim_id(request.state.request_id)
         try:
             reqs = [GenerationRequest(request_id=rid if len(specs) == 1 else f"{rid}-p{k}", prompt_token_ids=ids,
-                                      sampling=sampling, block_hashes=hashes)
+                                      sampling=sampling, block_hashes=hashes, priority=priority,
+                                      cache_salt=cache_salt)
                     for k, (ids, sampling, hashes) in enumerate(specs)]
             gens = [ResumableGeneration(self.replicas, r, max_attempts=self.config.router.max_attempts,
                                         metrics=self.metrics) for r in reqs]
@@ -270,6 +322,22 @@ class OpenAIRouter:
         async def models():
             return await self.models()
 
+        @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
+        async def model(model_id: str):
+            return await self.model(model_id)
+
+        @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+        async def tokenize(body: TokenizeRequest):
+            return await self.tokenize(body)
+
+        @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+        async def detokenize(body: DetokenizeRequest):
+            return await self.detokenize(body)
+
+        @app.get("/version", response_model=VersionResponse)
+        async def version():
+            return VersionResponse(version=_version())
+
         @app.get("/health")
         async def health():
             return {"status": "ok"}
@@ -314,6 +382,14 @@ class OpenAIIngress:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llm-cluster")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 async def _awaited(x):

@@ -74,11 +74,21 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    # OpenAI answers bad parameters with 400, never 422; name the first offending field.
+    # OpenAI answers bad parameters with 400, never 422; name the first offending field. A field outside the
+    # schema, or one we do not implement, is named first, with OpenAI's wording and codes.
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    rank = {"unsupported_parameter": 0, "extra_forbidden": 1}
+    first = min(errors, key=lambda e: rank.get(e.get("type"), 2)) if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        return error_response(bad_request(f"Unrecognized request argument supplied: {param}", param=param,
+                                          code="unknown_parameter"))
+    if kind == "unsupported_parameter":
+        ctx = first.get("ctx") or {}
+        return error_response(bad_request(str(ctx.get("message") or first.get("msg")), param=ctx.get("param"),
+                                          code="unsupported_parameter"))
     msg = first.get("msg", "invalid request")
     if param:
         msg = f"{param}: {msg}"

@@ -119,6 +119,7 @@ class Gatekeeper:
             "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             "prompt_tokens": state.get("prompt_tokens"), "completion_tokens": state.get("completion_tokens"),
             "cached_tokens": state.get("cached_tokens"), "attempts": state.get("attempts"),
+            **({"user": state["user"]} if state.get("user") else {}),  # the request's OpenAI `user`
         }))
 
 

@@ -1,15 +1,20 @@
 """The OpenAI wire schema the ingress speaks: request models (completions, chat), response and stream-chunk
 models, and the one mapping from request parameters to `replicas.protocol.SamplingParams`.
 
-Unknown request fields are ignored, as OpenAI does; `None` means "default" for every optional field,
-since many clients send explicit nulls.
+No field is dropped silently: a top-level field outside OpenAI's schema (and our documented extras) is a 400
+naming it, as OpenAI answers; a field OpenAI defines that we do not implement is a 400 saying so (unless it
+holds a value that asks for nothing, e.g. `store: false`). Nested objects (messages, content parts) stay
+lenient. `None` means "default" for every optional field, since many clients send explicit nulls.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from replicas.protocol import SamplingParams
 
@@ -21,11 +26,65 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _noop(*values):
+    return lambda v: v in values
+
+
+# OpenAI request fields we do not implement -> the values that ask for nothing (accepted). Anything else is a
+# 400 "not supported" (errors.py turns the `unsupported_parameter` error into it).
+UNSUPPORTED_COMMON: dict[str, Any] = {
+    "service_tier": _noop("auto", "default"),
+    "store": _noop(False),
+    "metadata": lambda v: not v,
+    "prompt_cache_key": lambda v: False,
+}
+UNSUPPORTED_CHAT: dict[str, Any] = {
+    **UNSUPPORTED_COMMON,
+    "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+    "web_search_options": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "verbosity": lambda v: False,
+    "functions": lambda v: False,  # deprecated: `tools`
+    "function_call": lambda v: False,  # deprecated: `tool_choice`
+}
+UNSUPPORTED_COMPLETIONS: dict[str, Any] = {
+    **UNSUPPORTED_COMMON,
+    "best_of": lambda v: v == 1,
+    "suffix": lambda v: not v,
+}
+
+
+def unsupported(param: str, what: str | None = None) -> PydanticCustomError:
+    """The validation error errors.py answers with a 400 "not supported" naming `param`."""
+    return PydanticCustomError("unsupported_parameter", "{message}",
+                               {"param": param, "message": f"{what or param} is not supported by this server"})
+
+
+class _Strict(BaseModel):
+    """A request body: unknown top-level fields are refused (`extra_forbidden`, a 400 naming the field)."""
+    model_config = ConfigDict(extra="forbid")
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict) and cls.UNSUPPORTED:
+            for name, accepts in cls.UNSUPPORTED.items():
+                if data.get(name) is not None and not accepts(data[name]):
+                    raise unsupported(name)
+            data = {k: v for k, v in data.items() if k not in cls.UNSUPPORTED}
+        return data
+
+
 class StreamOptions(_Lenient):
     include_usage: bool | None = False
+    # vLLM's: every chunk carries the usage so far.
+    continuous_usage_stats: bool | None = False
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(_Strict):
     """Parameters shared by completions and chat."""
     model: str | None = Field(None, description="The served model id; omitted means the served model.")
     n: int | None = Field(1, ge=1, le=16)
@@ -38,12 +97,39 @@ class _SamplingFields(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256, description="The end user's id: written to the access log.")
+    safety_identifier: str | None = Field(None, max_length=256, description="As `user`.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100], added to "
+                                                "the logits before sampling.")
     # Extras beyond OpenAI (vLLM names).
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="Token ids that end the choice "
+                                             "(not output), as stop strings do.")
+    priority: int | None = Field(None, ge=-(2**31), lt=2**31, description="Lower runs first when the replica "
+                                 "is full (default 0); FCFS within a priority.")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description="Prefix-cache namespace: "
+                                   "requests share cached KV blocks only with requests of the same salt.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if not v:
+            return None
+        if len(v) > 300:
+            raise ValueError("at most 300 logit_bias entries")
+        out = {}
+        for k, bias in v.items():
+            try:
+                tok = int(k)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
+            out[str(tok)] = float(bias)
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -56,6 +142,14 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def token_ids_used(self) -> list[int]:
+        """Every token id the request names (logit_bias keys, stop_token_ids): the router checks the vocabulary."""
+        return [int(k) for k in self.logit_bias or {}] + list(self.stop_token_ids or [])
+
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -67,6 +161,8 @@ class _SamplingFields(_Lenient):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             stop=[s for s in stop if s], ignore_eos=bool(self.ignore_eos), logprobs=logprobs,
+            stop_token_ids=list(self.stop_token_ids or []),
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
         )
 
 
@@ -74,8 +170,16 @@ Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionRequest(_SamplingFields):
+    UNSUPPORTED = UNSUPPORTED_COMPLETIONS
     prompt: Prompt = Field(description="A string, a list of strings, token ids, or a list of token-id lists.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token (0: the token only).")
+    echo: bool | None = Field(False, description="Prepend the prompt to each choice's text.")
+
+    @model_validator(mode="after")
+    def _echo(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            raise unsupported("echo", "echo with logprobs")
+        return self
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         return self.sampling_params(max_tokens, self.logprobs)
@@ -96,10 +200,28 @@ class ChatMessage(_Lenient):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def template_dict(self) -> dict:
+        # "developer" is OpenAI's newer name for "system"; model templates know only the latter.
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
 
 class ChatCompletionRequest(_SamplingFields):
+    UNSUPPORTED = UNSUPPORTED_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -110,9 +232,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
     def template_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for "system"; model templates know only the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [m.template_dict() for m in self.messages]
 
 
 # ---------------------------------------------------------------- responses
@@ -233,3 +353,37 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[StrictInt] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

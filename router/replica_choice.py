@@ -213,7 +213,8 @@ class ReplicaChooser:
             if policy == "prefix" and req is not None:
                 hashes = req.block_hashes
                 if hashes is None:  # the ingress normally sends them; hash here rather than route blind
-                    hashes = block_hashes(req.prompt_token_ids, self.params.block_size, self._extra)
+                    extra = extra_key(self.params.model_id, req.cache_salt) if req.cache_salt else self._extra
+                    hashes = block_hashes(req.prompt_token_ids, self.params.block_size, extra)
                 held = await self._lookup(hashes, replica_ids)
             # Loads are read after the lookup's await, so that decisions racing on the loop each see
             # the assignments the others made.

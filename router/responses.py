@@ -36,13 +36,15 @@ def broken_stream_end(exc: Exception, response_id: str) -> list[str]:
 
 
 class _Formatter:
-    def __init__(self, response_id: str, model: str, num_choices: int, logprobs: bool, include_usage: bool):
+    def __init__(self, response_id: str, model: str, num_choices: int, logprobs: bool, include_usage: bool,
+                 continuous_usage: bool = False):
         self.id = response_id
         self.model = model
         self.created = int(time.time())
         self.num_choices = num_choices
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage  # every event carries the usage so far (vLLM's stream option)
 
     async def stream(self, chunks: IndexedChunks, usage: Callable[[], UsageInfo]) -> AsyncIterator[str]:
         try:
@@ -51,7 +53,7 @@ class _Formatter:
                     yield event
                 async for index, chunk in chunks:
                     if chunk.text or chunk.token_ids or chunk.finish_reason:
-                        yield self._event(index, chunk)
+                        yield self._event(index, chunk, usage() if self.continuous_usage else None)
             except Exception as exc:  # every replica failed mid-stream, or a bug of ours: end it cleanly
                 for event in broken_stream_end(exc, self.id):
                     yield event
@@ -67,14 +69,17 @@ class _Formatter:
 
 
 class CompletionFormatter(_Formatter):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, echo: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._offsets = [0] * self.num_choices  # text_offset of each choice's next token
+        # echo: each choice's prompt text, put before its first text (streamed: in its first event)
+        self._echo = dict(enumerate(echo)) if echo else {}
 
-    def _event(self, index: int, chunk: GenerationChunk) -> str:
+    def _event(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None = None) -> str:
         lp = self._logprobs(index, chunk.logprobs, CompletionLogprobs()) if self.logprobs else None
-        return sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
-            CompletionChoice(index=index, text=chunk.text, logprobs=lp, finish_reason=chunk.finish_reason)]))
+        text = self._echo.pop(index, "") + chunk.text
+        return sse(CompletionChunk(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=chunk.finish_reason)]))
 
     def _usage_event(self, usage: UsageInfo) -> str:
         return sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
@@ -89,7 +94,8 @@ class CompletionFormatter(_Formatter):
                 self._logprobs(index, chunk.logprobs, lps[index])
             finish[index] = chunk.finish_reason or finish[index]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage(), choices=[
-            CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=finish[i])
+            CompletionChoice(index=i, text=self._echo.get(i, "") + "".join(texts[i]), logprobs=lps[i],
+                             finish_reason=finish[i])
             for i in range(self.num_choices)])
 
     def _logprobs(self, index: int, items: list[TokenLogprob] | None, out: CompletionLogprobs) -> CompletionLogprobs:
@@ -109,9 +115,9 @@ class ChatFormatter(_Formatter):
             ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
             for i in range(self.num_choices)]
 
-    def _event(self, index: int, chunk: GenerationChunk) -> str:
+    def _event(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None = None) -> str:
         lp = ChatLogprobs(content=_chat_logprobs(chunk.logprobs)) if self.logprobs else None
-        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
             ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text), logprobs=lp,
                             finish_reason=chunk.finish_reason)]))
 

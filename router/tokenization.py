@@ -41,12 +41,13 @@ class PromptPreparer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         if not self.tokenizer.chat_template:
             raise bad_request(f"model {self.info.model_id} has no chat template; use /v1/completions",
                               param="messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except Exception as e:  # templates raise on inputs they refuse (e.g. roles out of order)
             raise bad_request(f"chat template rejected the messages: {e}", param="messages") from None
         # The template already wrote any BOS it wants; adding special tokens again would double it.
@@ -75,6 +76,13 @@ class PromptPreparer:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise bad_request(f"token ids must lie in [0, {self.vocab_size})", param="prompt")
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token ids a request names outside its prompt (logit_bias, stop_token_ids, /detokenize)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                              param=param)
+
     # ------------------------------------------------------------ limits and hashes
 
     def max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
@@ -91,8 +99,9 @@ class PromptPreparer:
                               f"of {limit} tokens", param="max_tokens", code="context_length_exceeded")
         return want
 
-    def block_hashes(self, ids: list[int]) -> list[int]:
-        return block_hashes(ids, self.info.block_size, self._extra)
+    def block_hashes(self, ids: list[int], cache_salt: str | None = None) -> list[int]:
+        extra = extra_key(self.info.model_id, cache_salt) if cache_salt else self._extra
+        return block_hashes(ids, self.info.block_size, extra)
 
 
 def _config_vocab_size(model_path: str) -> int:

@@ -218,3 +218,41 @@ def test_error_in_one_request_fails_it_alone(engine, prompt):
     assert [(rid, str(e)) for rid, e in failures] == [("bad", "detokenizer bug")]
     assert {c.request_id for c in chunks} == {"good"} and chunks[-1].usage.completion_tokens == 4
     assert _free_all(engine)
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows(engine, prompt):
+    full = tokens_of(run_all(engine, [request("a", prompt, greedy(6))])["a"])
+    target = next(t for t in range(5, 300) if t not in full)
+    biased = run_all(engine, [request("b", prompt, greedy(6, logit_bias={target: 100.0})),
+                              request("c", prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=3,
+                                                                  ignore_eos=True, logit_bias={target: 100.0})),
+                              request("d", prompt, greedy(6, logit_bias={full[0]: -100.0}))])
+    assert tokens_of(biased["b"]) == [target] * 6 and tokens_of(biased["c"]) == [target] * 6
+    assert tokens_of(biased["d"])[0] != full[0]
+    with pytest.raises(EngineError):
+        engine.add_request(request("e", prompt, greedy(2, logit_bias={10**6: 1.0})))
+
+
+def test_cache_salt_separates_prefix_caches(engine, prompt):
+    long = prompt * 3
+    run_all(engine, [request("a", long, greedy(2))])
+    same = run_all(engine, [request("b", long, greedy(2))])["b"][-1].usage.cached_prompt_tokens
+    salted = run_all(engine, [request("c", long, greedy(2), cache_salt="tenant-1")])["c"][-1].usage
+    again = run_all(engine, [request("d", long, greedy(2), cache_salt="tenant-1")])["d"][-1].usage
+    other = run_all(engine, [request("e", long, greedy(2), cache_salt="tenant-2")])["e"][-1].usage
+    assert same > 0 and salted.cached_prompt_tokens == 0 and again.cached_prompt_tokens == same
+    assert other.cached_prompt_tokens == 0
+    # The engine caches under the hashes the router computes for that salt (kvstore.hashing, one function).
+    assert set(block_hashes(long, 4, extra_key(engine.model_id, "tenant-1"))) <= set(engine.block_manager.cached)
+
+
+def test_priority_runs_lower_values_first(tiny_model_dir, prompt):
+    eng = make_engine(tiny_model_dir, max_num_seqs=1)
+    order = []
+    reqs = [request("late", prompt, greedy(2), priority=5), request("urgent", prompt, greedy(2), priority=-1),
+            request("normal", prompt, greedy(2))]
+    for r in reqs:
+        eng.add_request(r)
+    while eng.has_unfinished():
+        order += [c.request_id for c in eng.step() if c.finish_reason]
+    assert order == ["urgent", "normal", "late"]

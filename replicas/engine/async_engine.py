@@ -69,6 +69,10 @@ class AsyncLLMEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Chunks of one request until its usage-carrying last chunk. A rejected request raises
         EngineError here; if the consumer stops early (cancelled, closed) the request is aborted."""
+        if req.sampling.structured is not None:
+            # Compile the grammar here, off the loop thread (cached: add_request then finds it), so that a
+            # large schema does not stall every other request's step.
+            await asyncio.to_thread(self.engine.grammars.compile, req.sampling.structured)
         queue: asyncio.Queue = asyncio.Queue()
         if not self._submit(("add", req, asyncio.get_running_loop(), queue)):
             raise EngineShutdown("engine is shut down")

@@ -53,10 +53,11 @@ class BlockManager:
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
         """seq.block_hashes extended to cover its first `num_blocks` full blocks."""
         hashes, bs = seq.block_hashes, self.block_size
+        extra = self.extra_key if seq.hash_extra is None else seq.hash_extra  # a salted request's own key
         while len(hashes) < num_blocks:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else ROOT_HASH, seq.token_ids[i * bs:(i + 1) * bs],
-                                     self.extra_key))
+                                     extra))
         return hashes
 
     def lookup(self, seq: Sequence) -> list[int]:

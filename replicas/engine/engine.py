@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ class LLMEngine:
         self.on_blocks_stored = on_blocks_stored
         self.on_blocks_evicted = on_blocks_evicted
         self.requests: dict[str, _Request] = {}
+        self._grammars = None  # GrammarCompiler, made on the first structured-output request
+        self._grammars_lock = threading.Lock()
         self._fresh_state()
         if config.warmup:
             try:
@@ -215,6 +218,15 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
+    @property
+    def grammars(self):
+        """The structured-output compiler for this tokenizer (thread-safe: the replica compiles off the loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from replicas.engine.grammar import GrammarCompiler
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._grammars
+
     def add_request(self, req: GenerationRequest) -> None:
         self._validate(req)
         sp = req.sampling
@@ -223,10 +235,13 @@ class LLMEngine:
             else []
         choices = []
         arrival = None
+        salt = extra_key(self.model_id, req.cache_salt) if req.cache_salt else None
         for i in range(sp.n):
             resume = req.resume_token_ids[i] if req.resume_token_ids else []
             seq = Sequence(req.request_id, i, prompt, sp, priority=req.priority, output_token_ids=resume,
-                           prompt_block_hashes=hashes, arrival=arrival)
+                           prompt_block_hashes=hashes, arrival=arrival, hash_extra=salt)
+            if sp.structured is not None:  # a failover resume continues in the grammar state it left
+                seq.grammar = self.grammars.matcher(sp.structured, resume)
             arrival = seq.arrival  # choices of one request arrive together
             detok = IncrementalDetokenizer(self.tokenizer, prompt)
             stop = StopChecker(sp.stop, sp.include_stop_str_in_output)
@@ -251,6 +266,9 @@ class LLMEngine:
         if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise EngineError(f"prompt + max_tokens = {total} tokens needs more KV blocks than this replica has "
                               f"({self.block_manager.num_blocks} x {self.block_size} tokens)")
+        named = list(sp.logit_bias or ()) + sp.stop_token_ids
+        if named and (min(named) < 0 or max(named) >= self.vocab_size):
+            raise EngineError(f"logit_bias and stop_token_ids must name token ids in [0, {self.vocab_size})")
         for resume in req.resume_token_ids or []:
             if len(resume) >= sp.max_tokens:
                 raise EngineError("resume_token_ids already reach max_tokens: nothing left to generate")
@@ -305,7 +323,10 @@ class LLMEngine:
                     self.num_computed_tokens += sum(batch.num_tokens)
                     if seqs:
                         rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
-                        out = self.sampler(logits, SamplingBatch.build(rows, logits.device))
+                        allowed = None
+                        if any(s.grammar is not None for s in seqs):
+                            allowed = self.grammars.bitmask([s.grammar for s in seqs])
+                        out = self.sampler(logits, SamplingBatch.build(rows, logits.device, allowed))
             except Exception as exc:  # the whole batch's requests fail; the engine keeps serving
                 log.exception("engine step failed; failing %d sequences", len(batch.seqs))
                 for rid in {s.request_id for s in batch.seqs}:
@@ -342,7 +363,12 @@ class LLMEngine:
         seq, sp = choice.seq, state.req.sampling
         seq.token_ids.append(tok)
         finish = None
-        if tok in sp.stop_token_ids or (tok in self.eos_token_ids and not sp.ignore_eos):
+        grammar_done = False
+        if seq.grammar is not None and not seq.grammar.terminated:
+            if not seq.grammar.accept(tok):  # the mask allowed it: a bug, not the client's
+                raise RuntimeError(f"token {tok} was sampled outside the response format's grammar")
+            grammar_done = seq.grammar.terminated  # only a stop token ends a complete grammar
+        if tok in sp.stop_token_ids or (tok in self.eos_token_ids and (not sp.ignore_eos or grammar_done)):
             finish, text = "stop", ""  # the stop token's own text is not output
         else:
             text = choice.stop.push(choice.detok.append([tok]))

@@ -5,7 +5,8 @@ temperature, top-k, top-p, min-p, greedy, and position-addressable seeded draws.
 batched tensor ops on the logits' device; on CUDA the only host sync is the one copy that fetches
 the result.
 
-Order, as HF/vLLM: repetition penalty -> frequency/presence -> temperature -> top-k -> top-p -> min-p
+Order, as HF/vLLM: the structured-output token bitmask (disallowed tokens -> -inf, for every row that has a
+grammar) and logit_bias first, then repetition penalty -> frequency/presence -> temperature -> top-k -> top-p -> min-p
 -> draw. Greedy rows (temperature 0) take the argmax after the penalties.
 
 The draw is inverse-CDF: token = first i with cdf_i > u * cdf_V, one uniform u per row. A seeded
@@ -75,9 +76,14 @@ class SamplingBatch:
     seeded_u: torch.Tensor | None  # [B]
     logprobs: list[int | None]  # per row: top-k alternatives wanted (0: chosen only), None: off
     max_logprobs: int  # -1 when no row wants logprobs
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: flat (row, token id, bias)
+    # Structured output: int32 [B, ceil(V/32)] bitmask of allowed tokens (bit t%32 of word t//32), all ones
+    # for rows without a grammar; None when no row has one.
+    allowed: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingBatch":
+    def build(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu",
+              allowed: torch.Tensor | None = None) -> "SamplingBatch":
         """rows: (params, prompt_ids, output_ids, choice_index) per sequence, in logits row order.
 
         output_ids holds every output token so far, failover resume tokens included: it gives the
@@ -101,6 +107,17 @@ class SamplingBatch:
                 top_p_on=None, top_p_beyond_k=False, min_p=None, repetition=None, presence=None,
                 frequency=None, seen=None, out=None, seeded=None,
                 seeded_u=None, logprobs=logprobs, max_logprobs=max_logprobs)
+        if allowed is not None:
+            b.allowed = allowed.to(device, non_blocking=True)
+        if any(p.logit_bias for p in ps):
+            brow, btok, bval = [], [], []
+            for i, p in enumerate(ps):
+                for tok, v in (p.logit_bias or {}).items():
+                    brow.append(i)
+                    btok.append(tok)
+                    bval.append(v)
+            b.bias = (torch.tensor(brow).to(device, non_blocking=True), torch.tensor(btok).to(device, non_blocking=True),
+                      torch.tensor(bval, dtype=torch.float32).to(device, non_blocking=True))
         if sampled:
             if any(greedy):
                 b.greedy = col(greedy, torch.bool).view(n)
@@ -159,6 +176,29 @@ class RowLogprobs:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[RowLogprobs | None] | None = None  # per row when any row asked, else None
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Set the logits of tokens whose bit is 0 to -inf, in place. `bitmask` int32 [B, W] covers W*32 >= tokens
+    of the tokenizer; logits columns past it (an embedding table padded beyond the tokenizer) are never
+    allowed for a masked row. Rows that are all ones are left as they are."""
+    B, V = logits.shape
+    shifts = _BIT_SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
+    allowed = bits.view(B, -1).bool()
+    width = allowed.shape[1]
+    if width >= V:
+        logits.masked_fill_(~allowed[:, :V], -math.inf)
+    else:
+        logits[:, :width].masked_fill_(~allowed, -math.inf)
+        # Past the tokenizer: only rows without a grammar (all ones) may pick those ids.
+        logits[:, width:].masked_fill_(~(bitmask == -1).all(dim=1, keepdim=True), -math.inf)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -282,6 +322,11 @@ class Sampler:
         if logits.dtype != torch.float32:
             logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs >= 0 else None
+        if b.allowed is not None:
+            apply_token_bitmask(logits, b.allowed)
+        if b.bias is not None:
+            row, tok, val = b.bias
+            logits.index_put_((row, tok), val, accumulate=True)
         if b.greedy_only:
             tokens = logits.argmax(dim=-1)
         else:

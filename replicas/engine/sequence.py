@@ -19,11 +19,11 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("request_id", "index", "token_ids", "prompt_token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
                  "block_hashes", "num_hashed_blocks", "status", "params", "priority", "arrival",
-                 "num_cached_tokens", "waiting_prefill")
+                 "num_cached_tokens", "waiting_prefill", "hash_extra", "grammar")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  *, priority: int = 0, output_token_ids: list[int] = (), prompt_block_hashes: list[int] = (),
-                 arrival: int | None = None):
+                 arrival: int | None = None, hash_extra: bytes | None = None):
         self.request_id = request_id
         self.index = index  # choice index in [0, n)
         self.token_ids = list(prompt_token_ids) + list(output_token_ids)
@@ -40,6 +40,9 @@ class Sequence:
         self.arrival = next(_arrivals) if arrival is None else arrival
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.waiting_prefill = 0  # while waiting: tokens it will compute once admitted (Scheduler.add)
+        # The block-hash extra key (model id + cache salt, kvstore.hashing.extra_key); None: the block manager's.
+        self.hash_extra = hash_extra
+        self.grammar = None  # structured output: the choice's grammar matcher (replicas.engine.grammar)
 
     @property
     def num_tokens(self) -> int:
