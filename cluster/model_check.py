@@ -22,10 +22,16 @@ class ModelCheckError(ConfigError):
 
 
 def check_engine_model(cfg: "EngineConfig") -> None:
-    """Check the model an engine config names. The embedded default is skipped: it is converted by
-    model_prep into a Llama checkpoint the engine runs, and converting it here would only move its wait."""
+    """Check the model an engine config names, and that engine.quantization fits a pre-quantised checkpoint. The
+    embedded default is skipped: it is converted by model_prep into a Llama checkpoint the engine runs, and
+    converting it here would only move its wait."""
     if cfg.model != EMBEDDED_MODEL:
-        check_model_dir(cfg.model)
+        d = check_model_dir(cfg.model)
+        from replicas.engine.quant import checkpoint_method_of_dir, resolve
+        try:
+            resolve(cfg.quantization, cfg.fp8_scheme, cfg.fp8_weight_scales, checkpoint_method_of_dir(d))
+        except ValueError as e:
+            raise ModelCheckError(f"{e} ({d})") from None
 
 
 def check_model_dir(model: str | Path) -> Path:

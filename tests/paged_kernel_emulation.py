@@ -12,13 +12,20 @@ from replicas.engine.paged_metadata import PagedMetadata
 
 
 def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
-                            scale: float, tile: int = 64) -> torch.Tensor:
+                            scale: float, tile: int = 64, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """An FP8 cache (float8_e4m3fn) as the kernel reads it: tiles converted to q's dtype, k_scale folded into the
+    softmax scale, the output times v_scale."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    else:
+        k_scale = v_scale = 1.0
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     qpk = num_heads // num_kv_heads
     block_m, block_q = meta.block_m, meta.block_q
     out = torch.full_like(q, float("nan"))
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634 * k_scale
     for pid in range(meta.qblock_seq.shape[0]):
         for kvh in range(num_kv_heads):
             seq = int(meta.qblock_seq[pid])
@@ -42,7 +49,7 @@ def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             m = torch.stack([p[0] for p in parts]).max(0).values
             m = torch.where(m == -math.inf, 0.0, m)
             l_sum = sum(p[1] * torch.exp2(p[0] - m) for p in parts)
-            acc = sum(p[2] * torch.exp2(p[0] - m)[:, None] for p in parts)
+            acc = sum(p[2] * v_scale * torch.exp2(p[0] - m)[:, None] for p in parts)
             l_sum = torch.where(l_sum == 0.0, 1.0, l_sum)
             res = acc / l_sum[:, None]
             out[rows[row_ok], head[row_ok]] = res[row_ok]

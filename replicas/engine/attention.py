@@ -5,6 +5,10 @@ are written into their cache slots first, then attention reads the cache, so a c
 prefix (including blocks another sequence of the same step just wrote). This CPU path gathers each
 sequence's pages and calls SDPA; on GPU, `paged` metadata routes attention to the Triton kernel that reads
 the pages in place (`replicas.engine.kernels.paged_attention`).
+
+An FP8 pool (`engine.kv_cache_dtype: fp8`) holds K / scale and V / scale in E4M3, per-layer scales; every read
+converts back. A fresh prefill chunk attends to its own K/V rounded the same way, so all tokens see the same
+keys whichever path reads them, as in the GPU kernel, which reads everything from the pool.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from replicas.engine.paged_metadata import PagedMetadata
+from replicas.engine.quant.ops import FP8, dequantize_kv, quantize_kv
 
 
 @dataclass
@@ -72,21 +77,42 @@ class AttentionMetadata:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D] into caches shaped [num_blocks, block_size, KVH, D]."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v: [T, KVH, D] into caches shaped [num_blocks, block_size, KVH, D] (an FP8 cache: divided by the scales,
+    through byte views: index_copy_ has no float8 kernel)."""
+    if k_cache.dtype == FP8:
+        k, v = quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
+class _Rows:
+    """index_select over a cache's token rows, in the compute dtype (an FP8 cache converted with its scale)."""
+
+    def __init__(self, cache: torch.Tensor, row_shape: torch.Size, scale: float, dtype: torch.dtype):
+        self.fp8 = cache.dtype == FP8
+        self.rows = (cache.view(torch.uint8) if self.fp8 else cache).view(-1, *row_shape)
+        self.scale, self.dtype = scale, dtype
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        x = self.rows.index_select(dim, index)
+        return dequantize_kv(x.view(FP8), self.scale, self.dtype) if self.fp8 else x
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]. k_scale, v_scale: an FP8 cache's."""
     if meta.paged is not None:
         from replicas.engine.kernels import paged_attention as gpu
-        gpu.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return gpu.paged_attention(q, k_cache, v_cache, meta.paged, scale)
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    kf, vf = k_cache.view(-1, *k.shape[1:]), v_cache.view(-1, *v.shape[1:])
+        gpu.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        return gpu.paged_attention(q, k_cache, v_cache, meta.paged, scale, k_scale=k_scale, v_scale=v_scale)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    if k_cache.dtype == FP8:  # fresh chunks attend to their K/V as the cache holds them
+        k = dequantize_kv(quantize_kv(k, k_scale), k_scale, q.dtype)
+        v = dequantize_kv(quantize_kv(v, v_scale), v_scale, q.dtype)
+    kf, vf = _Rows(k_cache, k.shape[1:], k_scale, q.dtype), _Rows(v_cache, v.shape[1:], v_scale, q.dtype)
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:

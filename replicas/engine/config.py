@@ -35,6 +35,19 @@ class EngineConfig(BaseModel):
                          "hit, decode batches and sampling before serving, so kernels compile then and not in "
                          "the first client's request. Leaves no cached block, KV event or counter behind.")
     seed: int = 0
+    quantization: Literal["none", "int8", "fp8"] = Field("none", description="Weights quantised at load: int8 "
+                                                        "(weight-only, per-output-channel scales) or fp8 (E4M3, see "
+                                                        "fp8_scheme). A pre-quantised FP8 checkpoint loads as "
+                                                        "published whatever this says (none or fp8 only).")
+    fp8_scheme: Literal["w8a8", "weight_only"] = Field("w8a8", description="fp8: w8a8 quantises activations per "
+                                                       "token at run time and multiplies in FP8 (torch._scaled_mm); "
+                                                       "weight_only upcasts the weights in the matmul. Batch-1 "
+                                                       "decode reads the FP8 weights in the GEMV either way.")
+    fp8_weight_scales: Literal["channel", "tensor"] = Field("channel", description="fp8 quantised at load: one "
+                                                            "scale per output channel, or per (sharded) tensor.")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="KV pool element type: auto (the model "
+                                                   "dtype) or fp8 (E4M3 with per-layer K and V scales): 1 byte per "
+                                                   "element, so the pool holds 2x the tokens of bf16.")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -1,8 +1,10 @@
 """Which matmuls take the Triton GEMV path (`replicas.engine.kernels.gemv`): CUDA inputs of at most `MAX_M`
-rows (decode batches), 2-D, contiguous last dims, float weights. Everything else (CPU, prefill, mixed steps)
-keeps F.linear and the separate norm / SiLU-mul stages, which stay the reference.
+rows (decode batches), 2-D, contiguous last dims, float weights, or int8 / FP8 weights with a per-row scale up to
+`MAX_M_QUANT` rows. Everything else (CPU, prefill, mixed steps) keeps F.linear (or `quant.ops.linear`) and the
+separate norm / SiLU-mul stages, which stay the reference.
 
-LLMC_GEMV=0 turns the path off (A/B timing, debugging); LLMC_GEMV_MAX_M sets the largest row count it takes.
+LLMC_GEMV=0 turns the path off (A/B timing, debugging); LLMC_GEMV_MAX_M (LLMC_GEMV_MAX_M_QUANT for quantised
+weights) sets the largest row count it takes.
 LLMC_NO_FUSION=1 turns it off too (it is a fusion).
 """
 from __future__ import annotations
@@ -16,14 +18,20 @@ ENABLED = os.environ.get("LLMC_GEMV", "1") not in ("", "0") and os.environ.get("
 # One row by default: at 4 and 8 rows the tl.dot path with its fused stages is slower per layer than cuBLAS +
 # the separate kernels, at one row faster (bench_gemv's "layer" sweep, docs/bench-gpu/h100-gemv-sweep2.json).
 MAX_M = int(os.environ.get("LLMC_GEMV_MAX_M", "1"))
+# Quantised (int8 / FP8) weights: up to this many rows, where reading 1-byte weights in the kernel beats
+# upcasting them for cuBLAS (`replicas.engine.quant.ops`).
+MAX_M_QUANT = int(os.environ.get("LLMC_GEMV_MAX_M_QUANT", "16"))
 # The LM head (vocab rows): its own switch, since cuBLAS may stream a matrix this tall as well.
 LM_HEAD = os.environ.get("LLMC_GEMV_LM_HEAD", "1") not in ("", "0")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # with a per-row scale
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and x.dtype in _DTYPES
-            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1)
+    quant = weight.dtype in _QUANT_DTYPES
+    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= (MAX_M_QUANT if quant else MAX_M)
+            and x.dtype in _DTYPES and (quant or weight.dtype == x.dtype) and x.stride(-1) == 1
+            and weight.stride(-1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,8 @@ from replicas.engine.config import EngineConfig
 from replicas.engine.cuda_graphs import StepGraphs
 from replicas.engine.models import CausalLM, ModelArgs, TPInfo
 from replicas.engine.paged_metadata import build_step_tensors
+from replicas.engine.quant import QuantScheme, checkpoint_method_of_dir, resolve
+from replicas.engine.quant import ops as qops
 from replicas.engine.sequence import Sequence
 from replicas.engine.weights import load_weights
 
@@ -54,6 +56,12 @@ def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtyp
     return torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def quant_scheme(config: EngineConfig) -> QuantScheme:
+    """The weight quantisation this engine runs: engine.quantization, or a pre-quantised checkpoint's own."""
+    return resolve(config.quantization, config.fp8_scheme, config.fp8_weight_scales,
+                   checkpoint_method_of_dir(config.model))
+
+
 def kv_budget_bytes(*, free: int, total: int, fraction: float, share: float | None, own: int) -> int:
     """Bytes for a GPU KV pool. A whole device (share None): `fraction` of what is free once the weights are
     loaded. A share of a device (replicas with a fractional num_gpus): share x total x fraction, less this
@@ -74,7 +82,9 @@ class ModelRunner:
             if self.device.index is None:  # this process's current GPU (a TP worker rank picks its own)
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-        with _default_dtype(self.dtype), torch.device(self.device):
+        self.quant = quant_scheme(config)
+        self.kv_dtype = qops.FP8 if config.kv_cache_dtype == "fp8" else self.dtype
+        with _default_dtype(self.dtype), torch.device(self.device), qops.building(self.quant):
             self.model = CausalLM(args, tp).eval()
         load_weights(self.model, Path(config.model))
         attn = self.model.model.layers[0].self_attn
@@ -96,7 +106,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, args: ModelArgs, tp: TPInfo) -> int:
         attn = self.model.model.layers[0].self_attn
         per_block = (2 * args.num_layers * self.block_size * attn.num_kv_heads * attn.head_dim
-                     * torch.finfo(self.dtype).bits // 8)
+                     * torch.finfo(self.kv_dtype).bits // 8)
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
@@ -117,7 +127,7 @@ class ModelRunner:
     def _set_kv_cache(self, args: ModelArgs, num_blocks: int) -> None:
         attn = self.model.model.layers[0].self_attn
         shape = (2, args.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]

@@ -8,6 +8,9 @@ that save launches per layer:
   (MergedColumnParallelLinear's layout, unchanged); each program computes matching gate and up rows and writes
   silu(gate) * up, rounded like `models/llama.py`'s `_silu_and_mul`.
 
+Quantised weights (int8 or FP8 E4M3, `replicas.engine.quant`): the 1-byte rows are read and converted in
+registers, and the per-row scale multiplies the fp32 accumulator before bias and SiLU (`HAS_SCALE`).
+
 One row (M == 1) multiplies and sums in registers; 2..16 rows go through tl.dot with the rows padded to 16.
 Every program streams BLOCK_N whole rows of W: a grid of N / BLOCK_N programs, no partial sums, no reduce
 kernel. Routing (which calls take this path) lives in `replicas.engine.gemv`.
@@ -45,15 +48,17 @@ def _dot(x, w, acc, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T."""
     if BLOCK_M == 1:
         return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    w = w.to(x.dtype)  # quantised weights: int8 / E4M3 values are exact in bf16, fp16 and fp32
     if IEEE:
         return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     return tl.dot(x, tl.trans(w), acc)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, s_ptr,
                  M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_off, eps,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                 HAS_SCALE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr, ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
@@ -117,6 +122,10 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
             if SILU:
                 acc2 = _dot(x, w2, acc2, BLOCK_M, IEEE)
 
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if SILU:
+            acc2 = acc2 * tl.load(s_ptr + up_off + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -175,8 +184,9 @@ def config_for(m: int, n: int, k: int, device_name: str = "") -> tuple[int, int,
     return CONFIGS_DOT.get((n, k), DEFAULT_CONFIG_DOT)
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
+def _launch(x, residual, norm_weight, eps, weight, bias, silu, config, scale=None):
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert (scale is not None) == (weight.dtype != x.dtype), "quantised weights need their row scale"
     m, k = x.shape
     rows = weight.shape[0] // 2 if silu else weight.shape[0]
     assert weight.shape[1] == k and m <= 16
@@ -191,23 +201,25 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu, config):
     grid = (triton.cdiv(rows, bn),)
     _gemv_kernel[grid](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
-        bias if bias is not None else x, out, res_out,
+        bias if bias is not None else x, out, res_out, scale if scale is not None else x,
         m, rows, k, x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0), out.stride(0),
         res_out.stride(0), rows if silu else 0, eps,
         NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=rows % bn == 0,
+        HAS_SCALE=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, EVEN_N=rows % bn == 0,
         IEEE=x.dtype == torch.float32, ONE_PASS=k <= bk, num_warps=warps)
     return out, res_out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False,
-         config=None) -> torch.Tensor:
-    """F.linear(x, weight, bias) (then silu_and_mul when `silu`) for x [M <= 16, K]."""
-    return _launch(x, None, None, 0.0, weight, bias, silu, config)[0]
+         config=None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) (then silu_and_mul when `silu`) for x [M <= 16, K]; a quantised weight's rows are
+    multiplied by `scale` [N] (float32)."""
+    return _launch(x, None, None, 0.0, weight, bias, silu, config, scale)[0]
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False, config=None):
+                weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu: bool = False, config=None,
+                scale: torch.Tensor | None = None):
     """(linear(rms_norm(x + residual)), x + residual); without `residual`: (linear(rms_norm(x)), x)."""
-    out, res_out = _launch(x, residual, norm_weight, eps, weight, bias, silu, config)
+    out, res_out = _launch(x, residual, norm_weight, eps, weight, bias, silu, config, scale)
     return out, res_out

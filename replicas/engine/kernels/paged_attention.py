@@ -10,6 +10,11 @@ a long cached prefix), each program's key range is split `num_splits` ways (flas
 write unnormalised partials and a second kernel merges them.
 
 `store_kv` writes the step's K and V into their cache slots in one launch.
+
+FP8 pools (`KV_FP8`, E4M3): `store_kv` writes K * (1 / k_scale) and V * (1 / v_scale), clamped to +-448 and
+rounded to nearest even, as `replicas.engine.quant.ops.quantize_kv` does on CPU. The attention kernel converts each
+K / V tile to the query dtype after loading it, folds k_scale into the softmax scale and multiplies the output (or
+a split's partial sums, which the merge combines linearly) by v_scale.
 """
 from __future__ import annotations
 
@@ -25,12 +30,12 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, qblock_seq_ptr,
-        qblock_first_ptr, part_ptr, qk_scale,
+        qblock_first_ptr, part_ptr, qk_scale, v_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
-        NUM_SPLITS: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, KV_FP8: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,6 +78,8 @@ def _paged_attention_kernel(
         in_page = pos % PAGE
         k_off = page * stride_kb + in_page * stride_ks + kvh * stride_kh
         k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)  # the scale is in qk_scale
         if IEEE:  # fp32 caches: no tf32 rounding
             s = tl.dot(q, k, input_precision="ieee") * qk_scale
         else:
@@ -85,11 +92,15 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = page * stride_vb + in_page * stride_vs + kvh * stride_vh
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)  # the scale multiplies acc once, below
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
@@ -141,32 +152,38 @@ def _merge_splits_kernel(
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt, k_inv, v_inv,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, KV_FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < ROW
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok)
+    if KV_FP8:
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv, -448.0), 448.0).to(k_cache_ptr.dtype.element_ty)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv, -448.0), 448.0).to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + slot * ROW + offs, k, mask=ok)
     tl.store(v_cache_ptr + slot * ROW + offs, v, mask=ok)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D], each token's heads contiguous; caches [num_blocks, block_size, KVH, D], contiguous."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v: [T, KVH, D], each token's heads contiguous; caches [num_blocks, block_size, KVH, D], contiguous
+    (float8_e4m3fn: quantised with the scales)."""
     row = k.shape[1] * k.shape[2]
     assert k.stride(1) == v.stride(1) == k.shape[2] and k.stride(2) == v.stride(2) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), ROW=row,
-                                    BLOCK=triton.next_power_of_2(row), num_warps=4)
+    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), 1.0 / k_scale,
+                                    1.0 / v_scale, ROW=row, BLOCK=triton.next_power_of_2(row),
+                                    KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
-                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [T, H, D] packed rows; caches [num_blocks, block_size, KVH, D] (the step's K/V already stored).
-    Returns [T, H, D]."""
+                    scale: float, out: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """q: [T, H, D] packed rows; caches [num_blocks, block_size, KVH, D] (the step's K/V already stored; an FP8
+    cache's values are K / k_scale, V / v_scale). Returns [T, H, D]."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     qpk = num_heads // num_kv_heads
@@ -183,12 +200,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                dtype=torch.float32, device=q.device)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, meta.qblock_seq,
-        meta.qblock_first, part, scale * _LOG2E,
+        meta.qblock_first, part, scale * _LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         QPK=qpk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta.block_m, BLOCK_Q=meta.block_q,
-        PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, NUM_SPLITS=splits, num_warps=4,
+        PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, NUM_SPLITS=splits,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
         num_stages=2)
     if splits > 1:
         _merge_splits_kernel[grid[:2]](

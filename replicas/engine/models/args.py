@@ -29,18 +29,15 @@ def rope_type(rope: dict | None) -> str:
 
 def check_supported(cfg: dict) -> None:
     """ValueError naming what the engine cannot run in a config.json: its model_type (with the architecture
-    it declares), its rope type, or quantised weights (the weight loader reads plain float tensors only)."""
+    it declares), its rope type, or a quantization method it cannot load (`replicas.engine.quant`)."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = ", ".join(cfg.get("architectures") or []) or "none declared"
         raise ValueError(f"unsupported model_type {model_type!r} (architecture: {arch}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     rope_type(rope_params(cfg))
-    quant = cfg.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
-        raise ValueError(f"quantization method {method!r} is not supported (the engine serves unquantised "
-                         "weights only)")
+    from replicas.engine.quant import checkpoint_method
+    checkpoint_method(cfg)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ LM head, RMSNorm, rotary embedding.
 Each parameter carries a `weight_loader(param, tensor_slice, shard_id=None)` that reads only this rank's
 part of a checkpoint tensor from a safetensors slice (`safe_open(...).get_slice(name)`), so a rank never
 materialises the full weight. With tp.size == 1 every layer is a plain dense layer and no collective runs.
+
+Linear layers built under `quant.ops.building(scheme)` hold int8 / FP8 weights with a per-row `weight_scale`
+(`replicas.engine.quant`); each checkpoint shard is quantised as it loads (or copied, from a pre-quantised
+checkpoint, with its published scale), so the full-precision weight never exists on the device.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from torch import nn
 from replicas.engine import gemv
 from replicas.engine.fused import fused
 from replicas.engine.models.args import rope_type
+from replicas.engine.quant import ops as qops
 
 
 @dataclass(frozen=True)
@@ -61,26 +66,69 @@ def _shape(sl) -> list[int]:
     return list(sl.shape) if isinstance(sl, torch.Tensor) else sl.get_shape()
 
 
-class ColumnParallelLinear(nn.Module):
+class _Linear(nn.Module):
+    """The weight storage every parallel linear shares: plain, or quantised with a per-row scale."""
+
+    def _init_weight(self, rows: int, cols: int) -> None:
+        scheme = qops.current()
+        self.w8a8 = bool(scheme and scheme.w8a8)
+        self.per_tensor = bool(scheme and scheme.per_tensor)
+        dtype = qops.STORAGE[scheme.method] if scheme else None
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if scheme:
+            self.weight_scale = nn.Parameter(torch.ones(rows, dtype=torch.float32), requires_grad=False)
+            self.weight_scale.weight_loader = self.scale_loader
+        else:
+            self.register_parameter("weight_scale", None)
+
+    def _rows(self, shard_id) -> tuple[int, int, int]:
+        """(first row in this rank's weight, rows, first row in the checkpoint tensor) of a checkpoint tensor."""
+        raise NotImplementedError
+
+    def _put(self, param: nn.Parameter, offset: int, src: torch.Tensor) -> bool:
+        """Copy src into rows [offset, ...) of param, quantising it into a quantised weight. Returns whether a
+        quantised weight's scale rows were written too."""
+        if param is self.weight and self.weight_scale is not None:
+            return qops.store_rows(param, self.weight_scale, offset, src, self.per_tensor)
+        param.data[offset:offset + src.shape[0]].copy_(src)
+        return False
+
+    def scale_loader(self, param: nn.Parameter, t: torch.Tensor, shard_id=None) -> None:
+        """A pre-quantised checkpoint's weight_scale (the whole tensor): one per tensor, or one per output row."""
+        offset, size, start = self._rows(shard_id)
+        t = t.float().reshape(-1)
+        param.data[offset:offset + size].copy_(t.expand(size) if t.numel() == 1 else t[start:start + size])
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return gemv.linear(x, self.weight, bias)
+        return qops.linear(x, self.weight, self.weight_scale, bias, self.w8a8)
+
+
+class ColumnParallelLinear(_Linear):
     """y = x W^T with W's output rows split across ranks; the output stays sharded."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(_divide(out_features, tp.size), in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self._init_weight(_divide(out_features, tp.size), in_features)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.weight.shape[0]), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
-        n = param.shape[0]
-        param.data.copy_(_read(sl, 0, self.tp.rank * n, n))
+    def _rows(self, shard_id) -> tuple[int, int, int]:
+        n = self.weight.shape[0]
+        return 0, n, self.tp.rank * n
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> bool:
+        offset, size, start = self._rows(shard_id)
+        return self._put(param, offset, _read(sl, 0, start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -90,10 +138,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+    def _rows(self, shard_id) -> tuple[int, int, int]:
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
-        param.data[offset:offset + size].copy_(_read(sl, 0, self.tp.rank * size, size))
+        return offset, size, self.tp.rank * size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -113,37 +161,36 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden, out * tp.size, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+    def _rows(self, shard_id) -> tuple[int, int, int]:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q, self.tp.rank * q
-        else:
-            offset = q if shard_id == "k" else q + kv
-            size, start = kv, self.kv_head_start * self.head_dim
-        param.data[offset:offset + size].copy_(_read(sl, 0, start, size))
+            return 0, q, self.tp.rank * q
+        return q if shard_id == "k" else q + kv, kv, self.kv_head_start * self.head_dim
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """y = x W^T with W's input columns split across ranks; partial sums are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features, _divide(in_features, tp.size)), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self._init_weight(out_features, _divide(in_features, tp.size))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = lambda p, sl, shard_id=None: p.data.copy_(sl[:])
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> None:
+    def _rows(self, shard_id) -> tuple[int, int, int]:
+        return 0, self.weight.shape[0], 0  # every output row; the columns are split
+
+    def weight_loader(self, param: nn.Parameter, sl, shard_id=None) -> bool:
         n = param.shape[1]
-        param.data.copy_(_read(sl, 1, self.tp.rank * n, n))
+        return self._put(param, 0, _read(sl, 1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(gemv.linear(x, self.weight))
+        y = self.tp.all_reduce(self._linear(x, None))
         # Bias after the reduction, or it would be added tp.size times.
         return y if self.bias is None else y + self.bias
 

@@ -31,6 +31,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = None  # shared RotaryEmbedding, set by the model
         self.k_cache = self.v_cache = torch.empty(0)  # views into the pool, set by the model runner
+        self.k_scale = self.v_scale = 1.0  # an FP8 pool's scales (a checkpoint may publish them)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), meta)
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(o.flatten(1))
 
 
@@ -92,10 +93,11 @@ class DecoderLayer(nn.Module):
         from replicas.engine.kernels.gemv import norm_linear
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv, residual = norm_linear(x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        qkv, residual = norm_linear(x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                    scale=attn.qkv_proj.weight_scale)
         x = attn.attend(positions, qkv, meta)
         h, residual = norm_linear(x, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                                  silu=True)
+                                  silu=True, scale=mlp.gate_up_proj.weight_scale)
         return mlp.down_proj(h), residual
 
 
