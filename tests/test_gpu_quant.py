@@ -101,7 +101,8 @@ def test_triton_attention_on_an_fp8_pool_matches_the_cpu_path(heads, kv_heads, h
     torch.cuda.synchronize()
     ref_meta = AttentionMetadata.build(tables, starts, lengths, 16, torch.device("cpu"))
     kd, vd = k_cache.double() * k_scale, v_cache.double() * v_scale
-    kf, vf = kd.view(-1, kv_heads, head_dim)[ref_meta.slot_mapping], vd.view(-1, kv_heads, head_dim)[ref_meta.slot_mapping]
+    kf = kd.view(-1, kv_heads, head_dim)[ref_meta.slot_mapping]
+    vf = vd.view(-1, kv_heads, head_dim)[ref_meta.slot_mapping]
     ref = paged_attention(q.double(), kf, vf, kd, vd, ref_meta, head_dim ** -0.5)
     assert not out.isnan().any()
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2

@@ -30,7 +30,7 @@ def test_serve_int8_answers_over_rest(tiny_model_dir, tmp_path):
     int8, none = make_engine(tiny_model_dir, quantization="int8"), make_engine(tiny_model_dir)
     # A prompt whose first-token logprob int8 visibly moves.
     for prompt in random_prompts(8, 472, 8, 24, seed=51):
-        (tok, lp), (_, lp_none) = _first_logprob(int8, prompt), _first_logprob(none, prompt)
+        (_, lp), (_, lp_none) = _first_logprob(int8, prompt), _first_logprob(none, prompt)
         if abs(lp - lp_none) > 1e-2:
             break
     else:

@@ -127,7 +127,8 @@ def test_load_time_quantisation_equals_transformers_on_the_dequantised_weights(t
     t = load_file(str(tiny_model_dir / "model.safetensors"))
     parts = [qops.quantize_rows(t[f"model.layers.0.self_attn.{p}_proj.weight"], storage, per_tensor)
              for p in "qkv"]
-    assert torch.equal(layer.self_attn.qkv_proj.weight.view(torch.uint8), torch.cat([p[0] for p in parts]).view(torch.uint8))
+    want = torch.cat([p[0] for p in parts])
+    assert torch.equal(layer.self_attn.qkv_proj.weight.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(layer.self_attn.qkv_proj.weight_scale, torch.cat([p[1] for p in parts]))
     prompts = random_prompts(6, 472, 2, 40, seed=5)
     got = run_all(engine, [request(i, p, greedy(MAX_NEW)) for i, p in enumerate(prompts)])
@@ -263,7 +264,8 @@ def test_fp8_checkpoint_loads_as_published(tiny_model_dir, tmp_path, layout, mon
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, "'awq'"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}, "'gptq'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "'compressed-tensors' (format 'pack-quantized')"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
+     "'compressed-tensors' (format 'pack-quantized')"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size"),
 ])
 def test_other_quantization_methods_refused_naming_the_method(tiny_model_dir, tmp_path, qc, named):
