@@ -12,6 +12,15 @@ Sections (--sections, comma list):
             all submitted at once: output tok/s; pure-decode vs mixed steps
   profile   kernel tables (torch.profiler) of the cached-prefix step, batch-1 decode, mixed and bs-256 decode
             steps, and a cProfile of the host side of bs-256 decode steps
+  peer      transformers on the same weights and GPU, after our engine is gone: batch-1 generate() ms/token
+            (same 128-token prompt and 128 tokens as `decode`) and continuous batching (generate_batch, paged
+            sdpa) on the `workload` requests: output tok/s
+
+Mixture-of-experts shapes (--shape qwen3-30b-a3b | mixtral-8x7b; --layers N keeps the per-layer shape at
+fewer layers): the floor counts the bytes a batch-1 token reads, the router's top-k experts per layer and not
+all of them (`floor_active_ms_per_token`); the expert GEMMs run grouped (torch grouped_mm).
+
+    python -m load_tests.bench_gpu --shape qwen3-30b-a3b --sections decode,workload,peer --out-dir $OUT
 
     python -m load_tests.bench_gpu --out-dir $OUT                               # all sections
     python -m load_tests.bench_gpu --tp-size 2 --sections tokens,decode ...     # tensor parallel
@@ -73,14 +82,38 @@ def copy_bandwidth_gbps() -> float:
     return 2 * 2 * 1024**3 / dt / 1e9
 
 
-def build_model(shape: str, out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Mixture-of-experts shapes: (transformers config class, its kwargs).
+MOE_SHAPES = {
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=8192, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+}
+
+
+def shape_config(shape: str, layers: int | None = None) -> dict:
+    kw = dict(MOE_SHAPES[shape][1]) if shape in MOE_SHAPES else dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    return kw
+
+
+def build_model(shape: str, out: Path, layers: int | None = None) -> Path:
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     from load_tests.tiny_model import build_tokenizer
     torch.manual_seed(0)
+    cls = getattr(transformers, MOE_SHAPES[shape][0] if shape in MOE_SHAPES else "LlamaConfig")
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+        model = AutoModelForCausalLM.from_config(cls(**shape_config(shape, layers)), dtype=torch.bfloat16)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(str(out))
     build_tokenizer().save_pretrained(str(out))  # only detokenizes; ids past its vocab decode to ""
@@ -164,7 +197,8 @@ def kernel_table(prof, n: int = 18) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES) + sorted(MOE_SHAPES))
+    ap.add_argument("--layers", type=int, help="override the shape's layer count (same per-layer shape)")
     ap.add_argument("--model-dir", type=Path, help="keep the random model here (built if missing), e.g. /dev/shm/m")
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("-n", "--num-requests", type=int, default=256)
@@ -203,12 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     res["d2d_GBps_rw"] = round(copy_bandwidth_gbps(), 1)
     log("d2d copy GB/s (read+write)", res["d2d_GBps_rw"])
-    model_dir = args.model_dir or Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"bench-{args.shape}"
+    model_dir = args.model_dir or Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / \
+        f"bench-{args.shape}{f'-{args.layers}l' if args.layers else ''}"
     if not (model_dir / "config.json").exists():
         t = time.perf_counter()
-        build_model(args.shape, model_dir)
+        build_model(args.shape, model_dir, args.layers)
         res["build_model_s"] = round(time.perf_counter() - t, 1)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    res["layers"] = shape_config(args.shape, args.layers)["num_hidden_layers"]
+    vocab = shape_config(args.shape)["vocab_size"]
     parity_prompts = make_prompts(args.parity_prompts, 16, 256, vocab, seed=3)
     refs = None
     if "parity" in sections:
@@ -224,9 +260,60 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
             res["teacher"] = teacher_reference(model_dir, teacher)
             log("teacher", json.dumps(res["teacher"]["summary"]))
+        if "peer" in sections:
+            gc.collect()
+            torch.cuda.empty_cache()
+            res["peer"] = transformers_peer(model_dir, args, vocab, save_to=res)
+            save()
     finally:
         save()
     return res
+
+
+def transformers_peer(model_dir: Path, args, vocab: int, save_to: dict) -> dict:
+    """transformers on the same checkpoint (bf16, same GPU): batch-1 generate() and continuous batching on the
+    `workload` section's requests (same prompts, 128 tokens each)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    out: dict = {"transformers": transformers.__version__}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map="cuda").eval()
+    single = make_prompts(1, 128, 128, vocab, seed=2)[0]
+    ids = torch.tensor([single], device="cuda")
+    gen = GenerationConfig(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))  # warm
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
+        torch.cuda.synchronize()
+    out["generate_bs1_ms_per_token"] = round((time.perf_counter() - t) / 128 * 1000, 2)
+    log("peer", out)
+    prompts = make_prompts(args.num_requests, 256, 1024, vocab, seed=1)
+    try:
+        model.set_attn_implementation("paged|sdpa")
+        cb = GenerationConfig(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0,
+                              eos_token_id=None, max_batch_tokens=4096, num_blocks=4096, block_size=128)
+        with torch.inference_mode():
+            model.generate_batch(inputs=prompts[:8], generation_config=cb)  # warm
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            done = model.generate_batch(inputs=prompts, generation_config=cb)
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        n_out = sum(len(r.generated_tokens) for r in done.values())
+        out["continuous_batching"] = {"requests": len(prompts), "output_tokens": n_out, "wall_s": round(wall, 2),
+                                      "output_tok_per_s": round(n_out / wall, 1)}
+    except Exception as e:  # the peer's own failure is a result, not a crash of the bench
+        out["continuous_batching"] = {"error": f"{type(e).__name__}: {e}"}
+    ours = save_to.get("workload", {}).get("output_tok_per_s")
+    cb_tps = out["continuous_batching"].get("output_tok_per_s")
+    if ours and cb_tps:
+        out["ours_x_transformers_workload"] = round(ours / cb_tps, 2)
+    log("peer", out)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def run_ours(model_dir: Path, args, res: dict, sections: set, parity_prompts, refs, save, teacher: dict) -> None:
@@ -234,7 +321,7 @@ def run_ours(model_dir: Path, args, res: dict, sections: set, parity_prompts, re
     from replicas.engine.engine import LLMEngine
     from replicas.protocol import GenerationRequest, SamplingParams
 
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = shape_config(args.shape)["vocab_size"]
     t = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", tp_size=args.tp_size, dtype=args.dtype,
                                     enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
@@ -256,7 +343,7 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     res["weights_GB_this_rank"] = round(weight_bytes / 1e9, 3)
     res["kv_blocks"] = runner.num_kv_blocks
-    tp = runner.model.model.layers[0].mlp.down_proj.tp
+    tp = runner.model.model.layers[0].self_attn.o_proj.tp
     res["tp_all_reduce"] = None if tp.size == 1 else "nccl" if tp.fast_all_reduce is None else "symm_mem one-shot"
     if runner.graphs is not None:
         g = runner.graphs
@@ -264,6 +351,13 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
                                 "mixed": sorted(g.mixed)}
     # With tp, each rank reads its shard in parallel: the floor is one shard's bytes over one GPU's bandwidth.
     res["floor_ms_per_token"] = round(weight_bytes / (res["d2d_GBps_rw"] * 1e9) * 1000, 3)
+    margs = runner.model.args
+    if margs.num_experts:  # batch 1 reads top-k of the experts of each layer
+        expert_bytes = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
+                           if n.endswith(("experts.w13", "experts.w2")))
+        active = weight_bytes - expert_bytes * (1 - margs.num_experts_per_tok / margs.num_experts)
+        res["active_GB_per_token"] = round(active / 1e9, 3)
+        res["floor_active_ms_per_token"] = round(active / (res["d2d_GBps_rw"] * 1e9) * 1000, 3)
     log(f"engine up in {res['engine_load_s']} s; weights {res['weights_GB_this_rank']} GB (this rank); "
         f"{runner.num_kv_blocks} KV blocks; floor {res['floor_ms_per_token']} ms/token")
     save()
@@ -296,6 +390,8 @@ def _run_sections(engine, args, res, sections, parity_prompts, refs, save, vocab
                          "ms_per_token_mean": round(sum(dec) / len(dec) * 1000, 3),
                          "achieved_GBps": round(weight_bytes / (ms / 1000) / 1e9, 1),
                          "x_floor": round(ms / res["floor_ms_per_token"], 3)}
+        if "floor_active_ms_per_token" in res:
+            res["decode"]["x_floor_active"] = round(ms / res["floor_active_ms_per_token"], 3)
         graphs = runner.graphs
         if graphs is not None and args.tp_size == 1:  # device time of the bs-1 graph alone
             # The bs-1 graph this decode replays: the short-context one (no split) while contexts are < 256.
@@ -376,7 +472,7 @@ def _teacher_section(engine, args, res: dict, teacher: dict) -> None:
         if args.tp_size != 1:
             raise SystemExit("teacher: the reference run is tp 1; pass --teacher-ref to a tp>1 run")
         seqs = [p + t["tokens"] for p, t in zip(make_prompts(args.parity_prompts, 16, 256,
-                                                             SHAPES[args.shape]["vocab_size"], seed=3),
+                                                             shape_config(args.shape)["vocab_size"], seed=3),
                                                 res["tokens"])]
         teacher["seqs"] = seqs
         teacher["logits"] = [x.cpu() for x in teacher_logits(engine, seqs)]

@@ -89,3 +89,69 @@ def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", num_heads: int
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return out
+
+
+# Tiny variants of every family the engine serves, as (transformers config class, its kwargs). Small windows,
+# original contexts and expert counts, so that short test prompts cross every boundary.
+def family_configs() -> dict[str, tuple[str, dict]]:
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "long_factor": [1.0 + 0.3 * i for i in range(6)], "short_factor": [1.0 + 0.02 * i for i in range(6)]}
+    return {
+        "llama-yarn": ("LlamaConfig", dict(head_dim=16, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})),
+        "mistral-window": ("MistralConfig", dict(head_dim=16, sliding_window=8)),
+        "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+        "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                                        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+        "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                            sliding_window_pattern=2, tie_word_embeddings=True,
+                                            rope_parameters={
+                                                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 100000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+        "phi3": ("Phi3Config", dict(sliding_window=None)),
+        "phi3-window": ("Phi3Config", dict(sliding_window=8)),
+        "phi4-mini-longrope": ("Phi3Config", dict(original_max_position_embeddings=32, rope_parameters=longrope,
+                                                  max_position_embeddings=256)),
+        "mixtral": ("MixtralConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=None)),
+        "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                             mlp_only_layers=[1])),
+        "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                             moe_intermediate_size=32, norm_topk_prob=True)),
+    }
+
+
+def build_family_model(out_dir: str | Path, family: str, *, hidden: int = 64, layers: int = 2, seed: int = 0,
+                       max_positions: int = 256, **overrides) -> Path:
+    """A random-weight model of one of `family_configs()`, built with transformers' own config class and saved
+    with save_pretrained (safetensors), with the small BPE tokenizer. Norm weights are randomised too, so that
+    each family's norm convention (w or 1 + w) matters."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    cls_name, kwargs = family_configs()[family]
+    kwargs = {**dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+              **kwargs, **overrides}
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out

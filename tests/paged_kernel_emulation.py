@@ -12,9 +12,10 @@ from replicas.engine.paged_metadata import PagedMetadata
 
 
 def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
-                            scale: float, tile: int = 64, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                            scale: float, tile: int = 64, k_scale: float = 1.0, v_scale: float = 1.0,
+                            window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """An FP8 cache (float8_e4m3fn) as the kernel reads it: tiles converted to q's dtype, k_scale folded into the
-    softmax scale, the output times v_scale."""
+    softmax scale, the output times v_scale. `window`, `softcap`: the kernel's sliding window and soft-capping."""
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8:
         k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
@@ -43,8 +44,10 @@ def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             qt[row_ok] = q[rows[row_ok], head[row_ok]]
             q_pos = ctx + tok
             kv_end = min(seq_len, ctx + q_first + block_q)
-            parts = [_split(qt, q_pos, k_cache, v_cache, meta.block_tables[seq], kvh, lo, hi, tile, qk_scale)
-                     for lo, hi in _split_ranges(kv_end, meta.num_splits, tile)]
+            kv_lo = max(ctx + q_first - window + 1, 0) if window else 0
+            parts = [_split(qt, q_pos, k_cache, v_cache, meta.block_tables[seq], kvh, lo, hi, tile, qk_scale,
+                            window, softcap)
+                     for lo, hi in _split_ranges(kv_lo, kv_end, meta.num_splits, tile)]
             # The merge kernel (a single split merges to itself).
             m = torch.stack([p[0] for p in parts]).max(0).values
             m = torch.where(m == -math.inf, 0.0, m)
@@ -56,15 +59,15 @@ def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def _split_ranges(kv_end: int, splits: int, tile: int) -> list[tuple[int, int]]:
+def _split_ranges(kv_lo: int, kv_end: int, splits: int, tile: int) -> list[tuple[int, int]]:
     if splits == 1:
-        return [(0, kv_end)]
-    per_split = -(-kv_end // splits)
+        return [(kv_lo, kv_end)]
+    per_split = -(-(kv_end - kv_lo) // splits)
     chunk = -(-per_split // tile) * tile  # whole tiles per split
-    return [(s * chunk, min(kv_end, s * chunk + chunk)) for s in range(splits)]
+    return [(kv_lo + s * chunk, min(kv_end, kv_lo + s * chunk + chunk)) for s in range(splits)]
 
 
-def _split(qt, q_pos, k_cache, v_cache, table, kvh, lo, hi, tile, qk_scale):
+def _split(qt, q_pos, k_cache, v_cache, table, kvh, lo, hi, tile, qk_scale, window=0, softcap=0.0):
     page = k_cache.shape[1]
     block_m, head_dim = qt.shape
     m_i = torch.full((block_m,), -math.inf, dtype=qt.dtype)
@@ -77,7 +80,13 @@ def _split(qt, q_pos, k_cache, v_cache, table, kvh, lo, hi, tile, qk_scale):
         in_page = pos % page
         k = torch.where(t_ok[:, None], k_cache[pages, in_page, kvh], 0.0)  # [TILE, D]
         s = (qt @ k.T) * qk_scale
-        s = torch.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, -math.inf)
+        if softcap:
+            x = s / (1.4426950408889634 * softcap)
+            s = softcap * (1.0 - 2.0 / (torch.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+        visible = (pos[None, :] <= q_pos[:, None]) & t_ok[None, :]
+        if window:
+            visible &= pos[None, :] > q_pos[:, None] - window
+        s = torch.where(visible, s, -math.inf)
         m_new = torch.maximum(m_i, s.max(1).values)
         m_use = torch.where(m_new == -math.inf, 0.0, m_new)
         p = torch.exp2(s - m_use[:, None])

@@ -31,8 +31,9 @@ def test_family_flags_and_eos_lists():
     qwen3 = ModelArgs.from_dict({**BASE, "model_type": "qwen3", "head_dim": 32})
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 32
     assert ModelArgs.from_dict({**BASE, "eos_token_id": [7, 9]}).eos_token_ids == (7, 9)
-    # Sliding-window attention is not implemented: the context is capped where it equals full attention.
-    assert ModelArgs.from_dict({**BASE, "model_type": "mistral", "sliding_window": 1024}).max_position_embeddings == 1024
+    # Mistral's sliding window applies to every layer; the context is not capped to it.
+    mistral = ModelArgs.from_dict({**BASE, "model_type": "mistral", "sliding_window": 1024})
+    assert mistral.layer_windows == (1024, 1024) and mistral.max_position_embeddings == 4096
     with pytest.raises(ValueError, match="unsupported model_type"):
         ModelArgs.from_dict({**BASE, "model_type": "gpt2"})
 
@@ -46,7 +47,7 @@ def test_llama3_inv_freq_equals_transformers():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     assert torch.allclose(rope_inv_freq(32, 500000.0, params), ref, rtol=1e-6)
     with pytest.raises(ValueError, match="unsupported rope_type"):
-        rope_inv_freq(32, 1e4, {"rope_type": "yarn", "factor": 2.0})
+        rope_inv_freq(32, 1e4, {"rope_type": "dynamic", "factor": 2.0})
 
 
 def test_missing_checkpoint_tensor_is_an_error(tiny_model_dir, tmp_path):

@@ -43,6 +43,10 @@ def _bad_model(kind: str, tiny: Path, tmp: Path) -> Path:
         return _copy(tiny, d, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     if kind == "quantized":
         return _copy(tiny, d, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128})
+    if kind == "multimodal":
+        return _copy(tiny, d, model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
+    if kind == "activation":
+        return _copy(tiny, d, hidden_act="relu2")
     raise AssertionError(kind)
 
 
@@ -54,6 +58,8 @@ EXPECTED = {
     "architecture": "GPTNeoXForCausalLM",
     "rope": "unsupported rope_type 'dynamic'",
     "quantized": "quantization method 'awq' is not supported",
+    "multimodal": "text-only model_type 'gemma3_text' is supported",
+    "activation": "unsupported activation 'relu2'",
 }
 
 
@@ -115,9 +121,13 @@ def test_supported_rope_scalings_pass_in_either_spelling(tiny_model_dir, tmp_pat
     old_style = _copy(tiny_model_dir, tmp_path / "linear", rope_parameters=None, rope_theta=10000.0,
                       rope_scaling={"type": "linear", "factor": 2.0})
     check_model_dir(old_style)
-    with pytest.raises(ModelCheckError, match="unsupported rope_type 'yarn'"):
-        check_model_dir(_copy(tiny_model_dir, tmp_path / "yarn", rope_parameters=None,
-                              rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    check_model_dir(_copy(tiny_model_dir, tmp_path / "yarn", rope_parameters=None,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [2.0] * 8, "short_factor": [1.0] * 8}
+    check_model_dir(_copy(tiny_model_dir, tmp_path / "longrope", rope_parameters=longrope))
+    with pytest.raises(ModelCheckError, match="unsupported rope_type 'dynamic'"):
+        check_model_dir(_copy(tiny_model_dir, tmp_path / "dynamic", rope_parameters=None,
+                              rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
 
 
 def test_other_refusals_name_the_problem(tiny_model_dir, tmp_path):
@@ -151,3 +161,9 @@ def test_the_engine_refuses_the_same_configs():
         ModelArgs.from_dict({**cfg, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
     with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
         ModelArgs.from_dict({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    # Gemma 3 nests its rope by layer type: an unsupported one in either is refused.
+    with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
+        ModelArgs.from_dict({**cfg, "model_type": "gemma3_text", "rope_parameters": {
+            "full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "dynamic"}}})
+    for family in ("gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
+        ModelArgs.from_dict({**cfg, "model_type": family})

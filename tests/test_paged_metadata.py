@@ -81,3 +81,56 @@ def test_kernel_emulation_matches_cpu_attention(heads, kv_heads, head_dim, block
     meta.num_splits = splits  # with 16 splits of whole 8-key tiles, some splits see no key at all
     out = emulate_paged_attention(q, k_cache, v_cache, meta, scale, tile=8)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("window,softcap", [(6, 0.0), (3, 0.0), (0, 5.0), (5, 2.0)])
+def test_kernel_emulation_window_and_softcap_match_cpu_attention(window, softcap, splits):
+    """Sliding window (decodes, a fresh prefill longer than the window, a chunk over a cached prefix) and
+    soft-capping: the kernel's loop bounds and masks against the CPU path's windowed gather."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 16, 4
+    torch.manual_seed(1)
+    tables, starts, lengths = _step(block_size, seed=3)
+    t = sum(lengths)
+    k_cache = torch.randn(64, block_size, kv_heads, head_dim, dtype=torch.float64)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(t, heads, head_dim, dtype=torch.float64) * 3
+    k = torch.randn(t, kv_heads, head_dim, dtype=torch.float64)
+    v = torch.randn_like(k)
+    scale = head_dim ** -0.5
+    ref_meta = AttentionMetadata.build(tables, starts, lengths, block_size, torch.device("cpu"), windows=(0, window))
+    ref = paged_attention(q, k, v, k_cache, v_cache, ref_meta, scale, window=window, softcap=softcap)
+    full = paged_attention(q, k, v, k_cache, v_cache, ref_meta, scale)
+    assert not torch.allclose(ref, full)  # the window or the cap changes every sequence longer than it
+    _, _, meta = build_step_tensors(tables, starts, lengths, block_size, heads // kv_heads, device="cpu")
+    meta.num_splits = splits
+    out = emulate_paged_attention(q, k_cache, v_cache, meta, scale, tile=8, window=window, softcap=softcap)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_windowed_attention_equals_masked_dense_attention():
+    """The CPU path's window against a dense causal + window mask computed from scratch."""
+    torch.manual_seed(2)
+    window, block_size, heads, kv_heads, d = 5, 4, 4, 2, 8
+    tables, starts, lengths = _step(block_size, seed=5)
+    t = sum(lengths)
+    k_cache = torch.randn(64, block_size, kv_heads, d, dtype=torch.float64)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(t, heads, d, dtype=torch.float64)
+    k = torch.randn(t, kv_heads, d, dtype=torch.float64)
+    v = torch.randn_like(k)
+    meta = AttentionMetadata.build(tables, starts, lengths, block_size, torch.device("cpu"), windows=(window,))
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, d ** -0.5, window=window)
+    row = 0
+    for bt, start, n in zip(tables, starts, lengths):
+        pos = torch.arange(start + n)
+        slots = torch.tensor(bt)[pos // block_size] * block_size + pos % block_size
+        ks = k_cache.view(-1, kv_heads, d)[slots].repeat_interleave(heads // kv_heads, 1)
+        vs = v_cache.view(-1, kv_heads, d)[slots].repeat_interleave(heads // kv_heads, 1)
+        for j in range(n):
+            p = start + j
+            s = torch.einsum("hd,khd->hk", q[row + j], ks) * d ** -0.5
+            s[:, (pos > p) | (pos <= p - window)] = float("-inf")
+            ref = torch.einsum("hk,khd->hd", s.softmax(-1), vs)
+            torch.testing.assert_close(out[row + j], ref)
+        row += n

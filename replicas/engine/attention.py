@@ -39,11 +39,25 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] True where the slot is part of the context
     prefills: list[PrefillSpan] = field(default_factory=list)
     paged: PagedMetadata | None = None  # GPU: the Triton kernel's metadata; the fields above stay unused
+    # CPU: sliding window (tokens) -> the same step's metadata reading only each query's window
+    windowed: dict[int, "AttentionMetadata"] = field(default_factory=dict)
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
-              device: torch.device) -> "AttentionMetadata":
-        """Sequences given decodes first: row i computes tokens [starts[i], starts[i]+lengths[i])."""
+              device: torch.device, windows=(0,)) -> "AttentionMetadata":
+        """Sequences given decodes first: row i computes tokens [starts[i], starts[i]+lengths[i]). `windows`:
+        the attention windows of the model's layers (0: full attention); the full-attention metadata is the
+        one returned, each sliding window's in its `windowed`."""
+        metas = {w: cls._build(block_tables, starts, lengths, block_size, device, w) for w in windows}
+        meta = metas.get(0) or next(iter(metas.values()))
+        meta.windowed = {w: m for w, m in metas.items() if w}
+        return meta
+
+    @classmethod
+    def _build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
+               device: torch.device, window: int) -> "AttentionMetadata":
+        """With a window, a query at position p reads keys (p - window, p] only: the pages before its window
+        are never gathered (they may be freed)."""
         num_decodes = 0
         while num_decodes < len(lengths) and lengths[num_decodes] == 1:
             num_decodes += 1
@@ -56,19 +70,26 @@ class AttentionMetadata:
             table = torch.zeros(num_decodes, width, dtype=torch.long)  # padding points at block 0, masked off
             for i, bt in enumerate(block_tables[:num_decodes]):
                 table[i, :len(bt)] = torch.tensor(bt)
-            pos = torch.arange(int(ctx.max()))
-            decode_slots = table[:, pos // block_size] * block_size + pos % block_size
-            decode_mask = (pos < ctx.unsqueeze(1)).view(num_decodes, 1, 1, -1)
-            slots.append(decode_slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
+            lo = (ctx - window).clamp(min=0) if window else torch.zeros_like(ctx)
+            pos = lo.unsqueeze(1) + torch.arange(int((ctx - lo).max()))
+            valid = pos < ctx.unsqueeze(1)
+            pos = torch.where(valid, pos, (ctx - 1).unsqueeze(1))  # padding reads the last key, masked off
+            decode_slots = table.gather(1, pos // block_size) * block_size + pos % block_size
+            decode_mask = valid.view(num_decodes, 1, 1, -1)
+            slots.append(decode_slots.gather(1, (ctx - 1 - lo).unsqueeze(1)).squeeze(1))
         for bt, start, n in zip(block_tables[num_decodes:], starts[num_decodes:], lengths[num_decodes:]):
-            pos = torch.arange(start + n)
+            lo = max(0, start - window + 1) if window else 0
+            pos = torch.arange(lo, start + n)
             ctx_slots = torch.tensor(bt)[pos // block_size] * block_size + pos % block_size
-            slots.append(ctx_slots[start:])
+            slots.append(ctx_slots[start - lo:])
             span = PrefillSpan(row, row + n)
-            if start:
+            if start or (window and n > window):
                 span.context_slots = ctx_slots.to(device)
                 q_pos = torch.arange(start, start + n).unsqueeze(1)
-                span.mask = (pos.unsqueeze(0) <= q_pos).to(device)
+                mask = pos.unsqueeze(0) <= q_pos
+                if window:
+                    mask &= pos.unsqueeze(0) > q_pos - window
+                span.mask = mask.to(device)
             prefills.append(span)
             row += n
         return cls(slot_mapping=torch.cat(slots).to(device), num_decodes=num_decodes,
@@ -102,13 +123,18 @@ class _Rows:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
-                    v_scale: float = 1.0) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]. k_scale, v_scale: an FP8 cache's."""
+                    v_scale: float = 1.0, *, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] of the packed batch. Returns [T, H, D]. k_scale, v_scale: an FP8 cache's.
+    `window`: sliding-window attention (a query at p sees keys (p - window, p]); `softcap`: scores become
+    softcap * tanh(s / softcap)."""
     if meta.paged is not None:
         from replicas.engine.kernels import paged_attention as gpu
         gpu.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
-        return gpu.paged_attention(q, k_cache, v_cache, meta.paged, scale, k_scale=k_scale, v_scale=v_scale)
+        return gpu.paged_attention(q, k_cache, v_cache, meta.paged, scale, k_scale=k_scale, v_scale=v_scale,
+                                   window=window, softcap=softcap)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    if window:
+        meta = meta.windowed[window]
     if k_cache.dtype == FP8:  # fresh chunks attend to their K/V as the cache holds them
         k = dequantize_kv(quantize_kv(k, k_scale), k_scale, q.dtype)
         v = dequantize_kv(quantize_kv(v, v_scale), v_scale, q.dtype)
@@ -122,8 +148,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         shape = (d, meta.decode_slots.shape[1], *k.shape[1:])
         kc = kf.index_select(0, meta.decode_slots.view(-1)).view(shape).transpose(1, 2)
         vc = vf.index_select(0, meta.decode_slots.view(-1)).view(shape).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=True)
+        o = _sdpa(q[:d].unsqueeze(2), kc, vc, meta.decode_mask, scale, softcap)
         out[:d] = o.squeeze(2)
     # Prefill chunks as batches of one, [1, H, n, Dh]: SDPA runs 3-D inputs through its unfused math path on
     # CPU, 2-4x slower than the flash kernel it picks for 4-D ones (and quadratic in memory).
@@ -132,10 +157,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if span.context_slots is None:
             ks = k[span.start:span.end].unsqueeze(0).transpose(1, 2)
             vs = v[span.start:span.end].unsqueeze(0).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = _sdpa(qs, ks, vs, None, scale, softcap)
         else:
             ks = kf.index_select(0, span.context_slots).unsqueeze(0).transpose(1, 2)
             vs = vf.index_select(0, span.context_slots).unsqueeze(0).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
+            o = _sdpa(qs, ks, vs, span.mask, scale, softcap)
         out[span.start:span.end] = o[0].transpose(0, 1)
     return out
+
+
+def _sdpa(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """SDPA (causal where `mask` is None); with soft-capping, which SDPA lacks, the same in plain ops
+    (transformers' eager Gemma 2 attention: cap the scaled scores, mask, softmax in fp32)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    if mask is None:
+        lq, lk = s.shape[-2], s.shape[-1]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(lk - lq)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v

@@ -23,11 +23,21 @@ class Block:
         self.hash: int | None = None  # set while the block is registered in the prefix cache
 
 
+FREED = -1  # a block-table entry released by the sliding window: never read again
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 extra_key: bytes = b""):
+                 extra_key: bytes = b"", uncached_past: int = 0, window: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # longrope: a sequence longer than this rotates every position with other factors, so its KV differs
+        # from the same tokens' in a shorter sequence; it neither hits nor fills the cache (0: no such limit).
+        self.uncached_past = uncached_past
+        # Sliding-window models whose every layer slides: a query at p reads keys (p - window, p] only, so the
+        # blocks wholly before the window of a sequence's next token are released as it advances (their
+        # entries in its block table become FREED; cached ones stay findable for prefix hits until evicted).
+        self.window = window
         self.extra_key = extra_key
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order: never-cached ones at the front (reused first), cached ones
@@ -50,6 +60,13 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def blocks_held(self, num_tokens: int, step_tokens: int) -> int:
+        """The most blocks a sequence of `num_tokens` holds at once, computing up to `step_tokens` per step:
+        all of them, or with a sliding window only the window's and the step's (plus a partial block each)."""
+        if not self.window:
+            return self.blocks_needed(num_tokens)
+        return min(self.blocks_needed(num_tokens), self.blocks_needed(self.window + step_tokens) + 1)
+
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
         """seq.block_hashes extended to cover its first `num_blocks` full blocks."""
         hashes, bs = seq.block_hashes, self.block_size
@@ -63,7 +80,7 @@ class BlockManager:
     def lookup(self, seq: Sequence) -> list[int]:
         """Block ids caching the longest prefix of `seq`. At least one token is left to compute: its
         logits are needed, and a full cached block is never written into."""
-        if not self.enable_prefix_caching:
+        if not self._cacheable(seq):
             return []
         hits = []
         # The router's hashes (seq.block_hashes) cover every full block of the prompt, the last one too
@@ -108,7 +125,22 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take_free())
         self._cache_full_blocks(seq, (num_computed + num_new_tokens) // self.block_size)
+        if self.window:
+            self._release_outside_window(seq, num_computed)
         return True
+
+    def _release_outside_window(self, seq: Sequence, start: int) -> None:
+        """Release the blocks no query from position `start` on can see: positions < start - window + 1.
+        Full blocks, so already registered in the prefix cache where caching applies."""
+        end = max(0, start - self.window + 1) // self.block_size
+        table = seq.block_table
+        for i in range(min(end, len(table))):
+            if table[i] != FREED:
+                self._release(self.blocks[table[i]])
+                table[i] = FREED
+
+    def _cacheable(self, seq: Sequence) -> bool:
+        return self.enable_prefix_caching and not (self.uncached_past and seq.num_tokens > self.uncached_past)
 
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)
@@ -127,7 +159,7 @@ class BlockManager:
     def _cache_full_blocks(self, seq: Sequence, num_full: int) -> None:
         """Register the blocks that will be full once this step's tokens are written. Other sequences
         may hit them in the same step: every layer writes the whole batch's K/V before attending."""
-        if not self.enable_prefix_caching or num_full <= seq.num_hashed_blocks:
+        if not self._cacheable(seq) or num_full <= seq.num_hashed_blocks:
             return
         hashes = self._hashes(seq, num_full)
         for i in range(seq.num_hashed_blocks, num_full):
@@ -144,17 +176,22 @@ class BlockManager:
         # Tail blocks first: they are queued before the head blocks and so evicted first, keeping
         # the shared-prefix heads of the cache alive longest.
         for block_id in reversed(seq.block_table):
+            if block_id == FREED:
+                continue
             block = self.blocks[block_id]
-            block.ref_count -= 1
             if uncache and block.hash is not None:
                 self._uncache(block)
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.hash is None:
-                    self.free.move_to_end(block_id, last=False)
+            self._release(block)
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
+
+    def _release(self, block: Block) -> None:
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block.block_id] = None
+            if block.hash is None:
+                self.free.move_to_end(block.block_id, last=False)
 
     def drain_events(self) -> tuple[list[int], list[int]]:
         """(stored, evicted) block hashes since the last call, net of each other: a hash evicted and

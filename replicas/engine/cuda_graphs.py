@@ -71,16 +71,23 @@ class Bucket:
         self.logits: torch.Tensor | None = None
 
     def fill(self, token_ids: list[int], starts: list[int], lengths: list[int], block_tables: list[list[int]],
-             sample_rows: list[int], block_size: int) -> None:
-        """Copy one step (sequences packed in order, fitting this bucket) into the persistent buffers."""
+             sample_rows: list[int], block_size: int, rope_shift: list[int] = ()) -> None:
+        """Copy one step (sequences packed in order, fitting this bucket) into the persistent buffers.
+        `rope_shift`: per sequence, added to its rotary positions (longrope's long table)."""
         b, t, size = len(starts), len(token_ids), block_size
         if self.decode:
             slots = [bt[p // size] * size + p % size for bt, p in zip(block_tables, starts)]
-            segments = [(token_ids, 0), (starts, 0), (slots, self.pad_slot), ([p + 1 for p in starts], 1), ([], 0)]
+            positions = [p + s for p, s in zip(starts, rope_shift)] if any(rope_shift) else starts
+            segments = [(token_ids, 0), (positions, 0), (slots, self.pad_slot), ([p + 1 for p in starts], 1),
+                        ([], 0)]
             ints = None
         else:
             lists = step_lists(block_tables, starts, lengths, size, self.meta.paged.block_q)
-            segments = [(token_ids, 0), (lists.positions, 0), (lists.slots, self.pad_slot), (lists.seq_lens, 0),
+            positions = lists.positions
+            if any(rope_shift):
+                positions = [p + shift for p, shift in zip(lists.positions,
+                                                           (s for s, n in zip(rope_shift, lengths) for _ in range(n)))]
+            segments = [(token_ids, 0), (positions, 0), (lists.slots, self.pad_slot), (lists.seq_lens, 0),
                         (sample_rows, 0)]
             # Padding sequences are empty (they start where the step's tokens end); padding programs point at
             # sequence `seqs`, always a padding one.
@@ -200,9 +207,9 @@ class StepGraphs:
         return None
 
     def replay(self, bucket: Bucket, token_ids: list[int], starts: list[int], lengths: list[int],
-               block_tables: list[list[int]], sample_rows: list[int]) -> torch.Tensor:
+               block_tables: list[list[int]], sample_rows: list[int], rope_shift: list[int] = ()) -> torch.Tensor:
         """Logits [len(sample_rows), V] of the step (the rows' order)."""
-        bucket.fill(token_ids, starts, lengths, block_tables, sample_rows, self.block_size)
+        bucket.fill(token_ids, starts, lengths, block_tables, sample_rows, self.block_size, rope_shift)
         bucket.graph.replay()
         self.replays["decode" if bucket.decode else "mixed"] += 1
         return bucket.logits[:len(sample_rows)]

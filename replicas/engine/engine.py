@@ -77,7 +77,7 @@ class LLMEngine:
                  on_blocks_evicted: BlockHook | None = None, tp_group=None):
         self.config = config
         model_dir = Path(config.model)
-        args = ModelArgs.from_dir(model_dir)
+        args = self.model_args = ModelArgs.from_dir(model_dir)
         if config.max_model_len and config.max_model_len > args.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"{args.max_position_embeddings} positions")
@@ -205,7 +205,10 @@ class LLMEngine:
         cfg = self.config
         self.block_manager = BlockManager(self.runner.num_kv_blocks, cfg.block_size,
                                           enable_prefix_caching=cfg.enable_prefix_caching,
-                                          extra_key=extra_key(self.model_id))
+                                          extra_key=extra_key(self.model_id),
+                                          uncached_past=self.model_args.longrope_original,
+                                          window=self.model_args.sliding_window
+                                          if self.model_args.all_layers_slide else 0)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
@@ -263,7 +266,7 @@ class LLMEngine:
         if total > self.max_model_len:
             raise EngineError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) = {total} exceeds "
                               f"the model's context length {self.max_model_len}")
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+        if self.block_manager.blocks_held(total, self.config.max_num_batched_tokens) > self.block_manager.num_blocks:
             raise EngineError(f"prompt + max_tokens = {total} tokens needs more KV blocks than this replica has "
                               f"({self.block_manager.num_blocks} x {self.block_size} tokens)")
         named = list(sp.logit_bias or ()) + sp.stop_token_ids
@@ -380,6 +383,11 @@ class LLMEngine:
             text += choice.stop.push(choice.detok.flush())
             text += choice.stop.flush()
         choice.done = finish is not None
+        original = self.model_args.longrope_original
+        if original and finish is None and seq.num_tokens == original + 1:
+            # longrope: past the pretrained context every position rotates with the long factors, so the
+            # KV computed so far (short factors) is recomputed, as transformers' Phi-3 generate() does.
+            self.scheduler.recompute(seq)
         chunk = GenerationChunk(request_id=seq.request_id, index=seq.index, text=text, token_ids=[tok],
                                 finish_reason=finish)
         if lp is not None:

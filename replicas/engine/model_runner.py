@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class StepInputs:
     lengths: list[int]  # per sequence: tokens computed this step
     block_tables: list[list[int]]
     sample_rows: list[int]  # rows of the packed batch whose logits are needed
+    # longrope: per sequence, 1 where it rotates with the long factors (its context is past the original one)
+    long_rope: list[int] = field(default_factory=list)
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -71,6 +73,13 @@ def kv_budget_bytes(*, free: int, total: int, fraction: float, share: float | No
     if share is None:
         return int(free * fraction)
     return max(0, min(int(share * total * fraction) - own, int(free * fraction)))
+
+
+def long_rope(seq: Sequence, original: int) -> bool:
+    """longrope's regime of a sequence: the long factors once its context passes the pretrained one, for every
+    position (transformers' Phi-3 recomputes the whole cache when a generation crosses it: the engine does too,
+    see LLMEngine._append_token)."""
+    return seq.num_tokens > original
 
 
 class ModelRunner:
@@ -183,6 +192,7 @@ class ModelRunner:
         step = StepInputs([], [], [], [], [])
         samplers = []
         row = 0
+        original = self.model.args.longrope_original
         for i in order:
             seq, n = seqs[i], num_tokens[i]
             start = seq.num_computed_tokens
@@ -190,6 +200,8 @@ class ModelRunner:
             step.starts.append(start)
             step.lengths.append(n)
             step.block_tables.append(seq.block_table)
+            if original:
+                step.long_rope.append(int(long_rope(seq, original)))
             row += n
             if start + n == seq.num_tokens:
                 step.sample_rows.append(row - 1)
@@ -201,8 +213,9 @@ class ModelRunner:
         bucket = None if self.graphs is None else self.graphs.bucket_for(
             step.token_ids, step.starts, step.block_tables, len(step.sample_rows))
         if bucket is not None:
+            shift = [f * self.model.rotary.long_offset for f in step.long_rope]
             logits = self.graphs.replay(bucket, step.token_ids, step.starts, step.lengths, step.block_tables,
-                                        step.sample_rows)
+                                        step.sample_rows, shift)
             return logits if step.sample_rows else None
         input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
@@ -212,7 +225,11 @@ class ModelRunner:
         else:
             pos = torch.cat([torch.arange(a, a + n) for a, n in zip(step.starts, step.lengths)])
             meta = AttentionMetadata.build(step.block_tables, step.starts, step.lengths, self.block_size,
-                                           self.device)
+                                           self.device, self.model.attention_windows)
+        if step.long_rope and any(step.long_rope):
+            offset = self.model.rotary.long_offset
+            pos = pos + torch.repeat_interleave(torch.tensor(step.long_rope) * offset,
+                                                torch.tensor(step.lengths)).to(pos.device)
         hidden = self.model(input_ids, pos, meta)
         if not step.sample_rows:
             return None

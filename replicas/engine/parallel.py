@@ -86,7 +86,8 @@ def _store(config: EngineConfig, host: str, port: int, is_master: bool) -> dist.
 def pack_step(step: StepInputs) -> list[int]:
     tables = step.block_tables
     return [len(step.starts), len(step.token_ids), len(step.sample_rows), *step.token_ids, *step.starts,
-            *step.lengths, *map(len, tables), *itertools.chain.from_iterable(tables), *step.sample_rows]
+            *step.lengths, *map(len, tables), *itertools.chain.from_iterable(tables), *step.sample_rows,
+            len(step.long_rope), *step.long_rope]
 
 
 def unpack_step(ints: list[int]) -> StepInputs:
@@ -97,7 +98,8 @@ def unpack_step(ints: list[int]) -> StepInputs:
         return list(itertools.islice(it, n))
     token_ids, starts, lengths, table_lens = take(num_tokens), take(num_seqs), take(num_seqs), take(num_seqs)
     tables = [take(n) for n in table_lens]
-    return StepInputs(token_ids, starts, lengths, tables, take(num_rows))
+    rows = take(num_rows)
+    return StepInputs(token_ids, starts, lengths, tables, rows, take(next(it)))
 
 
 class StepChannel:

@@ -82,6 +82,10 @@ class Scheduler:
             budget -= n
         return out
 
+    def recompute(self, seq: Sequence) -> None:
+        """Drop a running sequence's KV so that its next steps compute all its tokens again (it stays running)."""
+        self.bm.free_seq(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
         self.num_preemptions += 1

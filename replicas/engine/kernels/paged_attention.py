@@ -30,12 +30,12 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, qblock_seq_ptr,
-        qblock_first_ptr, part_ptr, qk_scale, v_scale,
+        qblock_first_ptr, part_ptr, qk_scale, v_scale, softcap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, KV_FP8: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, KV_FP8: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,12 +58,17 @@ def _paged_attention_kernel(
     q_pos = ctx + tok
     # Keys up to the block's last query token (causal); never past the context.
     kv_end = tl.minimum(seq_len, ctx + q_first + BLOCK_Q)
+    # Sliding window: keys from the block's first query's window start; the pages before it are never read.
+    if WINDOW > 0:
+        kv_lo = tl.maximum(ctx + q_first - WINDOW + 1, 0)
+    else:
+        kv_lo = 0
     if NUM_SPLITS == 1:
-        lo = 0
+        lo = kv_lo
         hi = kv_end
     else:  # whole tiles per split
-        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE) * TILE
-        lo = split * chunk
+        chunk = tl.cdiv(tl.cdiv(kv_end - kv_lo, NUM_SPLITS), TILE) * TILE
+        lo = kv_lo + split * chunk
         hi = tl.minimum(kv_end, lo + chunk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -84,7 +89,13 @@ def _paged_attention_kernel(
             s = tl.dot(q, k, input_precision="ieee") * qk_scale
         else:
             s = tl.dot(q, k) * qk_scale  # [BLOCK_M, TILE], log2 domain
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & t_ok[None, :], s, float("-inf"))
+        if SOFTCAP:  # softcap * tanh(scaled / softcap), back in the log2 domain; tanh(x) = 1 - 2 / (e^2x + 1)
+            x = s / (1.4426950408889634 * softcap)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+        visible = (pos[None, :] <= q_pos[:, None]) & t_ok[None, :]
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.exp2(s - m_use[:, None])
@@ -181,9 +192,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
                     scale: float, out: torch.Tensor | None = None, k_scale: float = 1.0,
-                    v_scale: float = 1.0) -> torch.Tensor:
+                    v_scale: float = 1.0, *, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q: [T, H, D] packed rows; caches [num_blocks, block_size, KVH, D] (the step's K/V already stored; an FP8
-    cache's values are K / k_scale, V / v_scale). Returns [T, H, D]."""
+    cache's values are K / k_scale, V / v_scale). Returns [T, H, D]. `window`: a query at p sees keys
+    (p - window, p]; `softcap`: scores capped by tanh."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     qpk = num_heads // num_kv_heads
@@ -200,13 +212,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                dtype=torch.float32, device=q.device)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, meta.qblock_seq,
-        meta.qblock_first, part, scale * _LOG2E * k_scale, v_scale,
+        meta.qblock_first, part, scale * _LOG2E * k_scale, v_scale, float(softcap or 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         QPK=qpk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta.block_m, BLOCK_Q=meta.block_q,
         PAGE=k_cache.shape[1], TILE=tile, IEEE=q.dtype == torch.float32, NUM_SPLITS=splits,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WINDOW=int(window), SOFTCAP=bool(softcap), num_warps=4,
         num_stages=2)
     if splits > 1:
         _merge_splits_kernel[grid[:2]](

@@ -151,6 +151,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPInfo):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size)
+        self.total_kv_heads = num_kv_heads
         if tp.size <= num_kv_heads:
             self.num_kv_heads = _divide(num_kv_heads, tp.size)
             self.kv_head_start = tp.rank * self.num_kv_heads
@@ -255,14 +256,24 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return _rms_norm.__wrapped__(x, weight, eps), x
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies, with Llama-3 ("llama3") or linear position scaling applied."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, *, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies of the rotary dims (`head_dim` here is the rotary dim), with the config's position
+    scaling applied; each formula is transformers' rope init function for that type (`ROPE_INIT_FUNCTIONS`).
+    `long`: longrope's long factors (positions past the original context) instead of its short ones."""
+    return rope_parameters(head_dim, theta, scaling, long=long)[0]
+
+
+def rope_parameters(dim: int, theta: float, scaling: dict | None, *, long: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [dim / 2], attention factor that scales cos and sin). `scaling` carries
+    `original_max_position_embeddings` and `max_position_embeddings` where the type needs them (ModelArgs
+    puts them there as transformers' standardize_rope_params does)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv = 1.0 / (theta ** exponents)
     kind = rope_type(scaling)  # refuses the types the engine does not implement
     if kind == "default":
-        return inv
+        return inv, 1.0
     if kind == "linear":
-        return inv / scaling["factor"]
+        return inv / scaling["factor"], 1.0
     if kind == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old = scaling["original_max_position_embeddings"]
@@ -271,20 +282,88 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smooth = (old / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-        return torch.where(medium, smoothed, scaled)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling)
+    if kind == "longrope":
+        return _longrope(dim, theta, scaling, long)
     raise AssertionError(f"rope_type {kind!r} is in SUPPORTED_ROPE_TYPES but not implemented here")
 
 
-class RotaryEmbedding(nn.Module):
-    """Non-interleaved (rotate-half) RoPE from a cos/sin table indexed by absolute position."""
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+
+def _yarn(dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor")
+    if factor is None:  # DeepSeek-V3 style: the ratio of the extended to the pretrained context
+        factor = s["max_position_embeddings"] / original
+    attention_factor = s.get("attention_factor")
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp's singularity
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, attention_factor
+
+
+def _longrope(dim: int, base: float, s: dict, long: bool) -> tuple[torch.Tensor, float]:
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor")
+    if factor is None:  # Phi-3: the ratio of the extended to the pretrained context
+        factor = s["max_position_embeddings"] / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = torch.tensor(s["long_factor"] if long else s["short_factor"], dtype=torch.float32)
+    inv = 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved (rotate-half) RoPE from a cos/sin table indexed by absolute position, on the first
+    `rotary_dim` dims of each head (partial rotary: the rest pass through).
+
+    longrope keeps two tables, short factors at rows [0, max_positions) and long factors after them: the model
+    runner adds `max_positions` to the positions of sequences past the original context (`long_offset`)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 rotary_dim: int | None = None):
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), rope_inv_freq(head_dim, theta, scaling))
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        self.rotary_dim = rotary_dim or head_dim
+        self.head_dim = head_dim
+        regimes = (False, True) if rope_type(scaling) == "longrope" else (False,)
+        tables = []
+        for long in regimes:
+            inv, attention_factor = rope_parameters(self.rotary_dim, theta, scaling, long=long)
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv)
+            tables.append(torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor)
+        self.long_offset = max_positions if len(regimes) == 2 else 0
+        self.register_buffer("cos_sin", torch.cat(tables), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return _apply_rotary(self.cos_sin, positions, q, k)
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return _apply_rotary(self.cos_sin, positions, q, k)
+        q_rot, k_rot = _apply_rotary(self.cos_sin, positions, q[..., :r], k[..., :r])
+        return torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
 
 
 @fused("apply_rotary")
