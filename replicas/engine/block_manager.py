@@ -105,16 +105,20 @@ class BlockManager:
             hits, num_computed = [], seq.num_computed_tokens
         have = len(seq.block_table) + len(hits)
         need = self.blocks_needed(num_computed + num_new_tokens) - have
-        reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits sitting in the free queue
+        # Hits wholly behind the window of the first token to compute are never read: they stay where they are
+        # (FREED in the table), so a long cached prefix does not have to fit the pool.
+        behind = self._behind_window(num_computed) if admit else 0
+        kept = hits[behind:]
+        reclaimed = sum(1 for b in kept if self.blocks[b].ref_count == 0)  # hits sitting in the free queue
         if need + reclaimed > len(self.free):
             return False
         if admit:
-            for b in hits:
+            for b in kept:
                 block = self.blocks[b]
                 if block.ref_count == 0:
                     del self.free[b]
                 block.ref_count += 1
-            seq.block_table = list(hits)
+            seq.block_table = [FREED] * min(behind, len(hits)) + list(kept)
             seq.num_hashed_blocks = len(hits)
             seq.num_computed_tokens = num_computed
             if self.enable_prefix_caching:
@@ -129,10 +133,14 @@ class BlockManager:
             self._release_outside_window(seq, num_computed)
         return True
 
+    def _behind_window(self, start: int) -> int:
+        """Leading blocks that no query from position `start` on sees (0 without a window)."""
+        return max(0, start - self.window + 1) // self.block_size if self.window else 0
+
     def _release_outside_window(self, seq: Sequence, start: int) -> None:
         """Release the blocks no query from position `start` on can see: positions < start - window + 1.
         Full blocks, so already registered in the prefix cache where caching applies."""
-        end = max(0, start - self.window + 1) // self.block_size
+        end = self._behind_window(start)
         table = seq.block_table
         for i in range(min(end, len(table))):
             if table[i] != FREED:

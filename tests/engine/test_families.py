@@ -73,3 +73,18 @@ def test_sliding_window_frees_blocks_behind_the_window(family_dir):
     s = engine.stats()
     assert s.kv_blocks_free == s.kv_blocks_total
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_sliding_window_admits_a_cached_prefix_longer_than_the_pool_holds(family_dir):
+    """A prefix hit that covers most of the pool: the hit blocks behind the window are not taken back out of
+    the free queue, so the request is admitted (it would otherwise wait forever) and matches transformers."""
+    model_dir = family_dir("mistral-window")
+    engine = make_engine(model_dir, num_kv_blocks=12, max_num_batched_tokens=16)
+    hf = HFReference(model_dir)
+    first = random_prompts(1, engine.vocab_size, 40, 40, seed=8)[0]
+    run_all(engine, [request("a", first, greedy(1))])
+    second = first + random_prompts(1, engine.vocab_size, 12, 12, seed=9)[0]
+    before = engine.stats().prefix_hit_tokens
+    chunks = run_all(engine, [request("b", second, greedy(MAX_NEW))], max_steps=200)
+    assert engine.stats().prefix_hit_tokens - before == 40
+    assert tokens_of(chunks["b"]) == hf.generate(second, MAX_NEW)
