@@ -28,7 +28,7 @@ from cluster.model_prep import served_model_id
 from replicas.protocol import GenerationRequest, SamplingParams
 from router.admission import Admission, Ticket
 from router.auth import ApiKeys
-from router.errors import ERROR_TYPES, APIError, install_error_handlers
+from router.errors import ERROR_TYPES, APIError, bad_request, install_error_handlers
 from router.failover import ResumableGeneration
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.middleware import Gatekeeper
@@ -37,6 +37,7 @@ from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, Comp
                              TokenizeRequest, TokenizeResponse, UsageInfo, VersionResponse, _SamplingFields)
 from router.shared_load import LoadCancelled, SharedLoad
 from router.structured import response_format_output
+from router.tools import template_messages, tool_mode
 from router.responses import (KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter,
                               broken_stream_end)
 from router.tokenization import ModelInfo, PromptPreparer
@@ -147,16 +148,21 @@ class OpenAIRouter:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         p = await self.preparer()
         self._common(body, request, p)
-        ids = await _off_loop_if_large(request, p.encode_chat, body.template_messages())
+        tools, tool_grammar = tool_mode(body, p.tool_format)
+        if tool_grammar is not None and body.response_format is not None and body.response_format.type != "text":
+            raise bad_request("response_format cannot be combined with tool_choice required or a named function",
+                              param="response_format")
+        messages, template_kw = template_messages(body, p.tokenizer, render_tools=tools is not None)
+        ids = await _off_loop_if_large(request, lambda m: p.encode_chat(m, **template_kw), messages)
         p.check_ids(ids)
         sampling = body.sampling(p.max_tokens(len(ids), body.requested_max_tokens(), None))
-        structured = response_format_output(body.response_format)
+        structured = tool_grammar or response_format_output(body.response_format)
         if structured is not None:
             sampling = sampling.model_copy(update={"structured": structured})
         specs = [(ids, sampling, p.block_hashes(ids, body.cache_salt))]
         fmt = lambda rid: ChatFormatter(  # noqa: E731
             f"chatcmpl-{rid}", p.info.model_id, body.n or 1, logprobs=bool(body.logprobs),
-            include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+            include_usage=body.include_usage, continuous_usage=body.continuous_usage, tools=tools)
         return await self._serve(request, specs, fmt, bool(body.stream), priority=body.priority or 0,
                                  cache_salt=body.cache_salt)
 

@@ -12,7 +12,9 @@ from replicas.protocol import GenerationChunk, TokenLogprob
 from router.errors import APIError, internal_error, sse_error_event
 from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                              ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,
-                             CompletionChunk, CompletionLogprobs, CompletionResponse, TopLogprob, UsageInfo)
+                             CompletionChunk, CompletionLogprobs, CompletionResponse, ToolCall, ToolCallDelta,
+                             ToolCallDeltaFunction, ToolCallFunction, TopLogprob, UsageInfo)
+from router.tools import ToolMode, call_id, may_start_call
 
 log = logging.getLogger("llm_cluster.router")
 
@@ -53,7 +55,8 @@ class _Formatter:
                     yield event
                 async for index, chunk in chunks:
                     if chunk.text or chunk.token_ids or chunk.finish_reason:
-                        yield self._event(index, chunk, usage() if self.continuous_usage else None)
+                        for event in self._events(index, chunk, usage() if self.continuous_usage else None):
+                            yield event
             except Exception as exc:  # every replica failed mid-stream, or a bug of ours: end it cleanly
                 for event in broken_stream_end(exc, self.id):
                     yield event
@@ -66,6 +69,9 @@ class _Formatter:
 
     def _opening(self) -> list[str]:
         return []
+
+    def _events(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None) -> list[str]:
+        return [self._event(index, chunk, usage)]
 
 
 class CompletionFormatter(_Formatter):
@@ -109,17 +115,65 @@ class CompletionFormatter(_Formatter):
 
 
 class ChatFormatter(_Formatter):
+    """Chat responses; with `tools` (router.tools.ToolMode) the output becomes tool calls: a named function's
+    arguments stream as they come, other modes hold back text that may start a call and send each call whole
+    once the choice ends."""
+
+    def __init__(self, *args, tools: ToolMode | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tools = tools
+        self._text = [""] * self.num_choices  # with tools: each choice's output so far
+        self._sent = [0] * self.num_choices  # chars of it streamed as content (auto) or arguments (named)
+
     def _opening(self) -> list[str]:
         # OpenAI opens every choice with the assistant role and empty content.
         return [sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
             ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
             for i in range(self.num_choices)]
 
-    def _event(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None = None) -> str:
+    def _event(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None = None,
+               delta: ChatDelta | None = None, finish: str | None = None) -> str:
         lp = ChatLogprobs(content=_chat_logprobs(chunk.logprobs)) if self.logprobs else None
         return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-            ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text), logprobs=lp,
-                            finish_reason=chunk.finish_reason)]))
+            ChatChunkChoice(index=index, delta=delta or ChatDelta(content=chunk.text), logprobs=lp,
+                            finish_reason=finish or chunk.finish_reason)]))
+
+    def _events(self, index: int, chunk: GenerationChunk, usage: UsageInfo | None) -> list[str]:
+        t = self.tools
+        if t is None:
+            return [self._event(index, chunk, usage)]
+        self._text[index] += chunk.text
+        text, sent = self._text[index], self._sent[index]
+        if t.choice == "named":
+            self._sent[index] = len(text)
+            first = sent == 0 and text
+            call = ToolCallDelta(index=0, id=call_id() if first else None, type="function" if first else None,
+                                 function=ToolCallDeltaFunction(name=t.name if first else None,
+                                                                arguments=text[sent:]))
+            finish = "tool_calls" if chunk.finish_reason == "stop" else chunk.finish_reason
+            if not text[sent:] and not first:
+                return [self._event(index, chunk, usage, ChatDelta(), finish)] if finish else []
+            return [self._event(index, chunk, usage, ChatDelta(tool_calls=[call]), finish)]
+        if chunk.finish_reason is None:
+            if t.choice == "auto":  # stream content up to where a call may begin
+                cut = sent + may_start_call(t.fmt, text[sent:])
+                if cut > sent:
+                    self._sent[index] = cut
+                    return [self._event(index, chunk, usage, ChatDelta(content=text[sent:cut]))]
+            return []
+        content, calls = t.finish(text)
+        if not calls:
+            return [self._event(index, chunk, usage, ChatDelta(content=text[sent:]))]
+        out = []
+        rest = (content or "")[sent:] if content and len(content) > sent else ""
+        if rest:
+            out.append(self._event(index, chunk.model_copy(update={"finish_reason": None, "logprobs": None}), None,
+                                   ChatDelta(content=rest)))
+        deltas = [ToolCallDelta(index=k, id=c.id, type="function",
+                                function=ToolCallDeltaFunction(name=c.name, arguments=c.arguments))
+                  for k, c in enumerate(calls)]
+        out.append(self._event(index, chunk, usage, ChatDelta(tool_calls=deltas), "tool_calls"))
+        return out
 
     def _usage_event(self, usage: UsageInfo) -> str:
         return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
@@ -134,9 +188,20 @@ class ChatFormatter(_Formatter):
             if lps[index] is not None:
                 lps[index].content.extend(_chat_logprobs(chunk.logprobs))
             finish[index] = chunk.finish_reason or finish[index]
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage(), choices=[
-            ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), logprobs=lps[i],
-                       finish_reason=finish[i]) for i in range(self.num_choices)])
+        choices = []
+        for i in range(self.num_choices):
+            text, reason = "".join(texts[i]), finish[i]
+            message = ChatResponseMessage(content=text)
+            if self.tools is not None and (reason == "stop" or self.tools.choice == "named"):
+                content, calls = self.tools.finish(text)
+                if calls:
+                    message = ChatResponseMessage(content=content, tool_calls=[
+                        ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+                        for c in calls])
+                    reason = "tool_calls" if reason == "stop" else reason
+            choices.append(ChatChoice(index=i, message=message, logprobs=lps[i], finish_reason=reason))
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, usage=usage(),
+                                      choices=choices)
 
 
 def _chat_logprobs(items: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:

@@ -5,6 +5,7 @@ The router tokenizes so that it can hash blocks before choosing a replica; repli
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,19 @@ class PromptPreparer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    @functools.cached_property
+    def tool_format(self) -> str:
+        """The served family's tool-call format (router.tools)."""
+        from router.tools import detect_format
+        return detect_format(self.tokenizer)
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **template_kw) -> list[int]:
         if not self.tokenizer.chat_template:
             raise bad_request(f"model {self.info.model_id} has no chat template; use /v1/completions",
                               param="messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+                                                      tokenize=False, **template_kw)
         except Exception as e:  # templates raise on inputs they refuse (e.g. roles out of order)
             raise bad_request(f"chat template rejected the messages: {e}", param="messages") from None
         # The template already wrote any BOS it wants; adding special tokens again would double it.
