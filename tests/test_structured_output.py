@@ -48,19 +48,21 @@ def test_bitmask_masks_rows_in_the_sampler():
     V = 70
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, V, generator=g) * 3
-    mask = _mask([[3, 40], None, [65], [31, 32]], V)
+    allowed = ([0, 2, 3], _mask([[3, 40], [65], [31, 32]], V))  # row 1 has no grammar
     rows = [(SamplingParams(temperature=0), [1], [], 0), (SamplingParams(temperature=0), [1], [], 0),
             (SamplingParams(temperature=1.0, seed=5), [1], [], 0), (SamplingParams(temperature=0.7), [1], [], 1)]
-    for _ in range(20):
-        out = Sampler(seed=_)(logits.clone(), SamplingBatch.build(rows, allowed=mask)).token_ids
+    for seed in range(20):
+        out = Sampler(seed=seed)(logits.clone(), SamplingBatch.build(rows, allowed=allowed)).token_ids
         assert out[0] == (3 if logits[0, 3] > logits[0, 40] else 40)
-        assert out[1] == int(logits[1].argmax())  # an all-ones row is untouched
+        assert out[1] == int(logits[1].argmax())  # untouched
         assert out[2] == 65 and out[3] in (31, 32)
-    # Logits past the tokenizer's span (a padded embedding) are off for masked rows only.
+    # Logits past the tokenizer's span (a padded embedding) are never allowed for a constrained row.
     wide = torch.zeros(2, 80)
-    apply_token_bitmask(wide, _mask([[1], None], 64))
-    assert torch.isinf(wide[0, 64:]).all() and not torch.isinf(wide[1]).any()
-    assert (~torch.isinf(wide[0])).nonzero().view(-1).tolist() == [1]
+    apply_token_bitmask(wide, _mask([[1, 33]], 64), torch.tensor([0]))
+    assert (~torch.isinf(wide[0])).nonzero().view(-1).tolist() == [1, 33] and not torch.isinf(wide[1]).any()
+    full = torch.zeros(1, 64)
+    apply_token_bitmask(full, _mask([list(range(0, 64, 3))], 64))
+    assert (~torch.isinf(full[0])).nonzero().view(-1).tolist() == list(range(0, 64, 3))
 
 
 @pytest.fixture(scope="module")

@@ -77,13 +77,13 @@ class SamplingBatch:
     logprobs: list[int | None]  # per row: top-k alternatives wanted (0: chosen only), None: off
     max_logprobs: int  # -1 when no row wants logprobs
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: flat (row, token id, bias)
-    # Structured output: int32 [B, ceil(V/32)] bitmask of allowed tokens (bit t%32 of word t//32), all ones
-    # for rows without a grammar; None when no row has one.
-    allowed: torch.Tensor | None = None
+    # Structured output: (rows with a grammar: long [R], their int32 [R, ceil(V/32)] bitmask of allowed tokens,
+    # bit t%32 of word t//32); None when no row has one.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu",
-              allowed: torch.Tensor | None = None) -> "SamplingBatch":
+              allowed: tuple[list[int], torch.Tensor] | None = None) -> "SamplingBatch":
         """rows: (params, prompt_ids, output_ids, choice_index) per sequence, in logits row order.
 
         output_ids holds every output token so far, failover resume tokens included: it gives the
@@ -107,8 +107,9 @@ class SamplingBatch:
                 top_p_on=None, top_p_beyond_k=False, min_p=None, repetition=None, presence=None,
                 frequency=None, seen=None, out=None, seeded=None,
                 seeded_u=None, logprobs=logprobs, max_logprobs=max_logprobs)
-        if allowed is not None:
-            b.allowed = allowed.to(device, non_blocking=True)
+        if allowed is not None and allowed[0]:
+            b.allowed = (torch.tensor(allowed[0]).to(device, non_blocking=True),
+                         allowed[1].to(device, non_blocking=True))
         if any(p.logit_bias for p in ps):
             brow, btok, bval = [], [], []
             for i, p in enumerate(ps):
@@ -178,26 +179,35 @@ class SamplerOutput:
     logprobs: list[RowLogprobs | None] | None = None  # per row when any row asked, else None
 
 
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set the logits of tokens whose bit is 0 to -inf, in place. `bitmask` int32 [B, W] covers W*32 >= tokens
-    of the tokenizer; logits columns past it (an embedding table padded beyond the tokenizer) are never
-    allowed for a masked row. Rows that are all ones are left as they are."""
-    B, V = logits.shape
-    shifts = _BIT_SHIFTS.get(logits.device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
-    allowed = bits.view(B, -1).bool()
-    width = allowed.shape[1]
+def _disallowed_table(device: torch.device) -> torch.Tensor:
+    """bool [256, 8]: entry [x, b] is True when bit b of byte x is 0 (the token is not allowed)."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        x = torch.arange(256).view(-1, 1)
+        table = _BIT_TABLES[device] = ((x >> torch.arange(8)) & 1).eq(0).to(device)
+    return table
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Set to -inf the logits of tokens whose bit is 0, in place. `bitmask` int32 [R, W] (bit t%32 of word t//32,
+    little-endian) covers W*32 >= the tokenizer's tokens, one row per entry of `rows` (long [R], rows of
+    `logits`; None: every row). Columns past the bitmask (an embedding padded beyond the tokenizer) are never
+    allowed. Unpacked through a byte -> 8-bit lookup table: one gather, not 32 shifts over int32."""
+    V = logits.shape[1]
+    sub = logits if rows is None else logits.index_select(0, rows)
+    R = sub.shape[0]
+    masked = _disallowed_table(logits.device)[bitmask.contiguous().view(torch.uint8).long()].view(R, -1)
+    width = masked.shape[1]
     if width >= V:
-        logits.masked_fill_(~allowed[:, :V], -math.inf)
+        sub.masked_fill_(masked[:, :V], -math.inf)
     else:
-        logits[:, :width].masked_fill_(~allowed, -math.inf)
-        # Past the tokenizer: only rows without a grammar (all ones) may pick those ids.
-        logits[:, width:].masked_fill_(~(bitmask == -1).all(dim=1, keepdim=True), -math.inf)
+        sub[:, :width].masked_fill_(masked, -math.inf)
+        sub[:, width:] = -math.inf
+    if rows is not None:
+        logits.index_copy_(0, rows, sub)
     return logits
 
 
@@ -323,7 +333,7 @@ class Sampler:
             logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs >= 0 else None
         if b.allowed is not None:
-            apply_token_bitmask(logits, b.allowed)
+            apply_token_bitmask(logits, b.allowed[1], b.allowed[0])
         if b.bias is not None:
             row, tok, val = b.bias
             logits.index_put_((row, tok), val, accumulate=True)
