@@ -146,11 +146,15 @@ def test_cheap_fields_take_effect(client, served):
     chat = client.chat.completions.create(model="tiny", messages=MSGS, max_completion_tokens=3, temperature=0,
                                           user="alice", extra_body={"priority": -1, "ignore_eos": True})
     assert chat.usage.completion_tokens == 3
-    usage = [c.usage.completion_tokens for c in client.chat.completions.create(
-        model="tiny", messages=MSGS, max_tokens=3, temperature=0, stream=True,
+    events = [c for c in client.chat.completions.create(
+        model="tiny", messages=MSGS, max_tokens=5, temperature=0, stream=True, logprobs=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True},
-        extra_body={"ignore_eos": True}) if c.choices and c.usage and not c.choices[0].delta.role]
-    assert usage == [1, 2, 3]
+        extra_body={"ignore_eos": True}) if c.choices and not c.choices[0].delta.role]
+    sent = 0
+    for c in events:  # each event: the usage so far (events may carry several tokens)
+        sent += len(c.choices[0].logprobs.content)
+        assert c.usage.completion_tokens == sent and c.usage.prompt_tokens > 0
+    assert sent == 5
     # cache_salt: a tenant's prefix is cached for that tenant only.
     long = "Ray Serve routes requests to replicas; a paged KV cache stores keys and values in blocks. " * 3
     salted = dict(model="tiny", prompt=long, max_tokens=1, temperature=0)

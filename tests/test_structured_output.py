@@ -44,11 +44,14 @@ def _mask(rows: list[list[int] | None], vocab: int) -> torch.Tensor:
     return out
 
 
-def test_bitmask_masks_rows_in_the_sampler():
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_bitmask_masks_rows_in_the_sampler(gpu_path, monkeypatch):
+    if gpu_path:  # the torch path CUDA takes, run on CPU tensors
+        monkeypatch.setattr("replicas.engine.sampler._on_cpu", lambda t: False)
     V = 70
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, V, generator=g) * 3
-    allowed = ([0, 2, 3], _mask([[3, 40], [65], [31, 32]], V))  # row 1 has no grammar
+    allowed = ([0, 2, 3], _mask([[3, 40], [], [65], [31, 32]], V))  # row 1 has no grammar
     rows = [(SamplingParams(temperature=0), [1], [], 0), (SamplingParams(temperature=0), [1], [], 0),
             (SamplingParams(temperature=1.0, seed=5), [1], [], 0), (SamplingParams(temperature=0.7), [1], [], 1)]
     for seed in range(20):
@@ -58,7 +61,7 @@ def test_bitmask_masks_rows_in_the_sampler():
         assert out[2] == 65 and out[3] in (31, 32)
     # Logits past the tokenizer's span (a padded embedding) are never allowed for a constrained row.
     wide = torch.zeros(2, 80)
-    apply_token_bitmask(wide, _mask([[1, 33]], 64), torch.tensor([0]))
+    apply_token_bitmask(wide, _mask([[1, 33], []], 64), torch.tensor([0]))
     assert (~torch.isinf(wide[0])).nonzero().view(-1).tolist() == [1, 33] and not torch.isinf(wide[1]).any()
     full = torch.zeros(1, 64)
     apply_token_bitmask(full, _mask([list(range(0, 64, 3))], 64))

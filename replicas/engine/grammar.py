@@ -1,7 +1,7 @@
 """Structured output by constrained decoding: each sequence with a grammar (JSON object, JSON Schema) holds an
-xgrammar matcher, advanced on every token it accepts; per step, one int32 bitmask [R, ceil(V/32)] of the tokens
-each of the batch's R constrained sampling rows may take is filled in one batched call and applied to those rows'
-logits in the sampler (`sampler.apply_token_bitmask`); other rows are left alone.
+xgrammar matcher, advanced on every token it accepts; per step, one int32 bitmask [B, ceil(V/32)] of the tokens
+each constrained sampling row may take is filled in one batched call and applied to those rows' logits in the
+sampler (`sampler.apply_token_bitmask`); other rows are left alone.
 
 xgrammar over llguidance: both compile small schemas in milliseconds, but xgrammar fills a batch's masks several
 times faster (its per-grammar token-mask cache), which is the per-step cost (docs/benchmarks.md, bench_grammar).
@@ -72,13 +72,14 @@ class GrammarCompiler:
         return m
 
     def bitmask(self, matchers: Seq["Matcher | None"]) -> tuple[list[int], torch.Tensor]:
-        """(rows with a live grammar, their int32 [R, ceil(V/32)] bitmask on the CPU) for a step's sampling rows."""
+        """(rows with a live grammar, int32 [B, ceil(V/32)] bitmask on the CPU whose listed rows hold what each
+        allows; the other rows allow everything) for a step's B sampling rows."""
         rows = [i for i, m in enumerate(matchers) if m is not None and not m.terminated]
-        mask = torch.empty((len(rows), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        mask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         if len(rows) == 1:
-            matchers[rows[0]].m.fill_next_token_bitmask(mask, 0)
+            matchers[rows[0]].m.fill_next_token_bitmask(mask, rows[0])
         elif rows:
-            self._batch.batch_fill_next_token_bitmask([matchers[i].m for i in rows], mask)
+            self._batch.batch_fill_next_token_bitmask([matchers[i].m for i in rows], mask, rows)
         return rows, mask
 
 

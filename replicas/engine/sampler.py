@@ -77,13 +77,14 @@ class SamplingBatch:
     logprobs: list[int | None]  # per row: top-k alternatives wanted (0: chosen only), None: off
     max_logprobs: int  # -1 when no row wants logprobs
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: flat (row, token id, bias)
-    # Structured output: (rows with a grammar: long [R], their int32 [R, ceil(V/32)] bitmask of allowed tokens,
-    # bit t%32 of word t//32); None when no row has one.
+    # Structured output: (rows with a grammar: long [R], int32 [B, ceil(V/32)] bitmask of allowed tokens, bit
+    # t%32 of word t//32, meaningful in those rows); None when no row has one.
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu",
               allowed: tuple[list[int], torch.Tensor] | None = None) -> "SamplingBatch":
+        """`allowed`: (constrained rows, their [B, W] bitmask) from replicas.engine.grammar."""
         """rows: (params, prompt_ids, output_ids, choice_index) per sequence, in logits row order.
 
         output_ids holds every output token so far, failover resume tokens included: it gives the
@@ -191,16 +192,32 @@ def _disallowed_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Set to -inf the logits of tokens whose bit is 0, in place. `bitmask` int32 [R, W] (bit t%32 of word t//32,
-    little-endian) covers W*32 >= the tokenizer's tokens, one row per entry of `rows` (long [R], rows of
-    `logits`; None: every row). Columns past the bitmask (an embedding padded beyond the tokenizer) are never
-    allowed. Unpacked through a byte -> 8-bit lookup table: one gather, not 32 shifts over int32."""
+    """Set to -inf the logits of tokens whose bit is 0, in place, in `rows` (long [R]; None: every row).
+    `bitmask` int32 [B, W], one row per logits row (bit t%32 of word t//32, little-endian), covers W*32 >= the
+    tokenizer's tokens; columns past it (an embedding padded beyond the tokenizer) are never allowed.
+
+    CPU: xgrammar's C++ loop (torch's multi-threaded gathers lose to it at these sizes). GPU: torch ops with no
+    host sync, unpacked through a byte -> 8-bit lookup table (one gather instead of 32 shifts over int32)."""
     V = logits.shape[1]
-    sub = logits if rows is None else logits.index_select(0, rows)
-    R = sub.shape[0]
-    masked = _disallowed_table(logits.device)[bitmask.contiguous().view(torch.uint8).long()].view(R, -1)
-    width = masked.shape[1]
+    width = bitmask.shape[1] * 32
+    if _on_cpu(logits):
+        import xgrammar
+
+        idx = None if rows is None else rows.tolist()
+        if width < V:
+            logits[slice(None) if idx is None else idx, width:] = -math.inf
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=min(V, width), indices=idx, backend="cpu")
+        return logits
+    if rows is not None:
+        sub, bitmask = logits.index_select(0, rows), bitmask.index_select(0, rows)
+    else:
+        sub = logits
+    masked = _disallowed_table(logits.device)[bitmask.contiguous().view(torch.uint8).long()].view(sub.shape[0], -1)
     if width >= V:
         sub.masked_fill_(masked[:, :V], -math.inf)
     else:
