@@ -1,6 +1,6 @@
 """Tensor parallel (tp_size=2 on CPU, gloo) for the families whose weights shard differently: MoE experts split
 along their intermediate dim with one all-reduce per block (Mixtral; Qwen2-MoE with its shared expert), Phi-3's
-fused qkv/gate_up checkpoint tensors read part by part, Gemma 2's sandwich norms and soft-capping. Greedy
+fused qkv/gate_up checkpoint tensors read part by part, with a sliding window. Greedy
 tokens equal transformers generate()."""
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def test_step_message_carries_longrope_regimes():
     assert unpack_step(pack_step(step)) == step
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "phi3-window", "gemma2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "phi3-window"])
 def test_tp2_matches_transformers(family, tmp_path):
     model_dir = build_family_model(tmp_path / family, family)
     engine = make_engine(model_dir, tp_size=2, num_kv_blocks=256, max_num_batched_tokens=16)
     try:
-        prompts = random_prompts(4, engine.vocab_size, 3, 30, seed=4)
+        prompts = random_prompts(3, engine.vocab_size, 3, 30, seed=4)
         arrivals: dict[int, list] = {}
         for i, p in enumerate(prompts):
             arrivals.setdefault(i // 2, []).append(request(i, p, greedy(8)))

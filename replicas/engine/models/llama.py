@@ -6,7 +6,6 @@ checkpoints so weights load by name."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from replicas.engine import gemv
