@@ -169,3 +169,18 @@ async def test_schema_features_the_grammar_ignores_are_400s_naming_them(make_api
     assert err["param"] == "response_format.json_schema.schema" and err["code"] == "unsupported_schema"
     assert "uniqueItems (at #/properties/a)" in err["message"] and "not (at #/properties/b)" in err["message"]
     assert handle.requests == []
+
+
+async def test_failover_resubmits_the_response_format(make_api):
+    from tests.fixtures.fake_replicas import FakeReplica
+
+    _, handle, client = make_api([FakeReplica("a", die_after_chunks=3), FakeReplica("b")])
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}})
+    assert r.status_code == 200
+    first, resumed = handle.requests
+    # The resumed attempt carries the same grammar and the tokens already sent: the engine replays them
+    # through a fresh matcher (test_resume_continues_in_the_same_grammar_state).
+    assert resumed.sampling.structured == first.sampling.structured is not None
+    assert resumed.resume_token_ids and len(resumed.resume_token_ids[0]) == 3

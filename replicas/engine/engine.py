@@ -29,7 +29,8 @@ from replicas.engine.models import ModelArgs, TPInfo
 from replicas.engine.sampler import Sampler, SamplingBatch
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence
-from replicas.protocol import EngineError, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
+from replicas.protocol import (EngineError, GenerationChunk, GenerationRequest, SamplingParams, StructuredOutput,
+                               TokenLogprob, Usage)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,9 @@ class LLMEngine:
         # stages (seeded, so the engine's generator is not drawn from) and logprobs ride along.
         samplings = [{}, {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1},
                      {"temperature": 1.0, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5,
-                      "frequency_penalty": 0.1, "seed": 2}, {"logprobs": 2}]
+                      "frequency_penalty": 0.1, "seed": 2}, {"logprobs": 2},
+                     # The grammar library loads its tokenizer tables here, not in the first structured request.
+                     {"structured": StructuredOutput(kind="json_object")}]
         batch, blocks = [], 0
         for i in range(min(cfg.max_num_seqs, 64 if gpu else len(samplings))):
             prompt, out = tokens(bs + 1, 2 + i), i + 1
