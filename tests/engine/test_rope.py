@@ -104,3 +104,22 @@ def test_rotary_table_scales_cos_sin_and_keeps_pass_dims():
     qr, kr = rot(torch.tensor([0, 5, 9]), q, k)
     assert torch.equal(qr[..., 4:], q[..., 4:]) and torch.equal(kr[..., 4:], k[..., 4:])
     assert not torch.allclose(qr[1:, :, :4], q[1:, :, :4])
+
+
+def test_gemma3_legacy_config_reads_like_transformers():
+    """Gemma 3 text configs on the Hub: rope_theta + rope_local_base_freq + rope_scaling for the global layers,
+    sliding_window_pattern instead of layer_types. Read as transformers' Gemma3TextConfig reads them."""
+    from transformers import Gemma3TextConfig
+    legacy = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+              "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+              "sliding_window_pattern": 6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+              "query_pre_attn_scalar": 16}
+    args = ModelArgs.from_dict(legacy)
+    hf = Gemma3TextConfig(**{k: v for k, v in legacy.items() if k != "model_type"})
+    assert args.layer_windows == tuple(512 if t == "sliding_attention" else 0 for t in hf.layer_types)
+    assert args.layer_windows == (512,) * 5 + (0, 512)
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert args.rope_theta == full["rope_theta"] and args.rope_scaling["factor"] == full["factor"] == 8.0
+    assert args.local_rope_theta == local["rope_theta"] == 10000.0 and local["rope_type"] == "default"
+    assert args.attn_scale == 16 ** -0.5 and args.embed_scale == 8.0 and args.tie_word_embeddings
