@@ -87,6 +87,7 @@ def ingress_env(cfg: ClusterConfig, state_dir: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(cfg.router.host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(cfg.router.host)),
         # A stopping ingress replica keeps serving this long so HAProxy takes it out first; Serve's 30 s
         # default waits for external load balancers, and HAProxy here reloads within a second.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",

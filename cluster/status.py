@@ -30,6 +30,7 @@ def collect_status(address: str = "auto", app_name: str = "llm-cluster", redis_u
     report: dict[str, Any] = {"app": app_name, "collected_at": _dt.datetime.now().isoformat(timespec="seconds")}
     with contextlib.ExitStack() as stack:
         if not ray.is_initialized():
+            _use_ray_token_if_present()
             try:
                 ray.init(address=address, namespace="serve", log_to_driver=False, logging_level="ERROR")
             except Exception as e:  # no cluster there
@@ -38,6 +39,18 @@ def collect_status(address: str = "auto", app_name: str = "llm-cluster", redis_u
             stack.callback(ray.shutdown)
         _collect(report, app_name, redis_url, timeout_s)
     return report
+
+
+def _use_ray_token_if_present() -> None:
+    """A local node started by `llm-cluster serve` requires Ray's auth token (Ray 2.60 enables token auth for
+    new local clusters and saves the token in ~/.ray), but `ray.init(address=...)` of another process does
+    not turn token auth on by itself: without this, status could not attach to the launcher's node."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _collect(report: dict[str, Any], app_name: str, redis_url: str | None, timeout_s: float) -> None:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.fixtures.ray_cluster import free_port
+from tests.test_http_proxy import check_haproxy_ingress
 
 
 def _wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -52,6 +53,7 @@ def test_serve_answers_france_and_ctrl_c_stops_everything(smollm2_dir, tmp_path)
         out = log.read()
         assert f"curl {base}/v1/chat/completions" in out  # the launcher prints a working example
         redis_port = int(re.search(r"embedded Redis on redis://127\.0\.0\.1:(\d+)", out).group(1))
+        check_haproxy_ingress(base, out, "SmolLM2-135M-Instruct", proc.pid)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children
 
