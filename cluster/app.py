@@ -9,8 +9,15 @@ from typing import Any, Mapping
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, load_config
+from replicas.deployment import LLMReplica
+from router.api import OpenAIIngress
+from router.autoscaling import POLICY_PATH
+from router.config import RoutingKnobs
+from router.replica_choice import STATS_PERIOD_S, RoutingParams
+from router.routing import KVAwareRouter
 
 REPLICA_DEPLOYMENT = "LLMReplica"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
@@ -87,9 +94,7 @@ def replica_options(cfg: ClusterConfig) -> dict[str, Any]:
         opts["autoscaling_config"] = autoscaling_config(cfg)
     else:
         opts["num_replicas"] = cfg.replicas.num_replicas
-    router_cfg = request_router_config(cfg)
-    if router_cfg is not None:
-        opts["request_router_config"] = router_cfg
+    opts["request_router_config"] = request_router_config(cfg)
     return opts
 
 
@@ -101,10 +106,6 @@ def autoscaling_config(cfg: ClusterConfig) -> dict[str, Any]:
         downscale_delay_s=a.downscale_delay_s, metrics_interval_s=a.metrics_interval_s,
         look_back_period_s=a.look_back_period_s,
     )
-    try:
-        from cluster.autoscaling import policy_config
-    except ImportError:  # policy module not present: Serve's default (ongoing requests)
-        return out
     out["policy"] = policy_config(cfg)
     # The policy applies the configured delays itself (so it logs each decision when it makes it);
     # Serve's delay logic would hold that decision back a second time.
@@ -112,12 +113,26 @@ def autoscaling_config(cfg: ClusterConfig) -> dict[str, Any]:
     return out
 
 
-def request_router_config(cfg: ClusterConfig):
-    try:
-        from router.routing import router_config
-    except ImportError:  # no custom router yet: Serve's default pow-2
-        return None
-    return router_config(cfg)
+def policy_config(cfg: ClusterConfig) -> dict[str, Any]:
+    """The `policy` entry of the LLMReplica deployment's autoscaling_config (dict form: also valid in a
+    KubeRay serveConfigV2). Serve's own up/downscale delays must be 0 alongside it (autoscaling_config)."""
+    a = cfg.autoscaling
+    return {"policy_function": POLICY_PATH, "policy_kwargs": dict(
+        max_num_seqs=cfg.engine.max_num_seqs,
+        target_waiting_per_replica=a.target_waiting_per_replica,
+        target_prefill_tokens_per_replica=a.target_prefill_tokens_per_replica,
+        target_running_fraction=a.target_running_fraction,
+        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)}
+
+
+def request_router_config(cfg: ClusterConfig) -> RequestRouterConfig:
+    """The LLMReplica deployment's RequestRouterConfig: the operator's routing knobs plus what the deployment
+    fills in, shipped to every handle's router as `request_router_kwargs` (JSON)."""
+    params = RoutingParams(**cfg.router.model_dump(include=set(RoutingKnobs.model_fields)),
+                           model_id=cfg.engine.served_model_id, block_size=cfg.engine.block_size,
+                           redis_url=cfg.redis_url, routers=cfg.router.num_router_replicas)
+    return RequestRouterConfig(request_router_class=KVAwareRouter, request_router_kwargs=params.model_dump(),
+                               request_routing_stats_period_s=STATS_PERIOD_S)
 
 
 def ingress_options(cfg: ClusterConfig) -> dict[str, Any]:
@@ -126,12 +141,9 @@ def ingress_options(cfg: ClusterConfig) -> dict[str, Any]:
 
 
 def build_app_from_config(cfg: ClusterConfig) -> Application:
-    from replicas.deployment import LLMReplica
-    from router.api import OpenAIIngress
-
     cfg = resolve_gpus(cfg)  # once: the replicas and the ingress see the same resources
-    replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg)
-    return serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg, replica)
+    replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg.replica_config())
+    return serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg.ingress_config(), replica)
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:

@@ -5,8 +5,11 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from cluster.config import ConfigError, load_config
+
+COMMANDS_GROUP = "llm_cluster.commands"  # subcommands that packages above this one provide (load_tests: bench)
 
 # Shortcut flags: flag -> dotted config key. Anything else goes through --set section.field=value.
 SHORTCUTS = {
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             check_engine_model(cfg.engine)
             serve_forever(cfg)
         elif args.cmd == "prepare-model":
-            from cluster.model_prep import prepare_embedded_model
+            from replicas.engine.model_prep import prepare_embedded_model
             print(prepare_embedded_model(force=args.force))
         elif args.cmd == "status":
             from cluster.status import collect_status, render_table
@@ -74,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(suite_args: list[str]) -> int:
-    from load_tests.__main__ import main as load_tests_main
-    return load_tests_main(["suite", *suite_args])
+    # load_tests sits above this package: it plugs its suite in through an entry point instead of being imported.
+    found = entry_points(group=COMMANDS_GROUP, name="bench")
+    if not found:
+        print("llm-cluster: bench needs the load_tests package installed with llm-cluster", file=sys.stderr)
+        return 2
+    return next(iter(found)).load()(suite_args)
 
 
 if __name__ == "__main__":

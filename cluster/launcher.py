@@ -40,7 +40,7 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
     from ray import serve
 
     from cluster.app import build_app_from_config
-    from cluster.model_prep import resolve_engine_config
+    from replicas.engine.model_prep import resolve_engine_config
 
     with contextlib.ExitStack() as stack:
         # Prepare the model here, with a progress bar the user sees, not silently inside a replica.

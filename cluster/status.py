@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cluster.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT
+from router.replica_choice import RedisRoutingStats
 
 
 def collect_status(address: str = "auto", app_name: str = "llm-cluster", redis_url: str | None = None,
@@ -105,8 +106,6 @@ _BREAKER_ORDER = ("closed", "half_open", "open")
 def summarize_redis_routing(stats: list, errors: list[str]) -> dict[str, Any]:
     """The ingress replicas' `RedisRoutingStats` -> the report's `redis_routing`: each replica's record,
     and over all of them the most open breaker, the breaker states counted, and the totals by reason."""
-    from router.replica_choice import RedisRoutingStats
-
     routers = [RedisRoutingStats.model_validate(s).model_dump() for s in stats]
     failures: dict[str, int] = {}
     fallbacks: dict[str, int] = {}

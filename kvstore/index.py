@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 
 Epoch = str | int
 
-BreakerState = str  # "closed" | "half_open" | "open" (cluster.metrics BREAKER_STATES gives their gauge values)
+BreakerState = str  # "closed" | "half_open" | "open" (replicas.metrics BREAKER_STATES gives their gauge values)
 
 
 class PrefixIndex(Protocol):
     lookup_failures: int  # lookups answered None (Redis down, slow, or skipped): exported as a metric
-    # Why the latest lookup answered None: "timeout", "error" or "breaker_open" (cluster.metrics
+    # Why the latest lookup answered None: "timeout", "error" or "breaker_open" (replicas.metrics
     # LOOKUP_FAILURE_REASONS). Read by the caller right after that lookup returns (no await in between).
     last_failure: str | None
 

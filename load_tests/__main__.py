@@ -143,5 +143,10 @@ def _local_suite(a: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
+def bench(suite_args: list[str]) -> int:
+    """`llm-cluster bench ...`: the standard suite on local clusters (the `llm_cluster.commands` entry point)."""
+    return main(["suite", *suite_args])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -267,7 +267,7 @@ def measure_policy_call(replicas: int = 64, calls: int = 2000) -> float:
     from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
     from ray.serve.config import AutoscalingContext
 
-    from cluster.autoscaling import QueueDepthPolicy
+    from router.autoscaling import QueueDepthPolicy
     dep = DeploymentID(name=REPLICA, app_name=APP)
     ids = [ReplicaID(f"r{i}", dep) for i in range(replicas)]
     raw = {m: {r: [TimeStampedValue(t, 3.0) for t in range(8)] for r in ids}
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from tests.fixtures.ray_cluster import free_port
+    from cluster.ports import free_port
     from load_tests.tiny_model import build_tiny_model
 
     policy_us = measure_policy_call()

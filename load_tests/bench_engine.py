@@ -64,7 +64,7 @@ def build_model_dir(args, workdir: Path) -> Path:
         return build_tiny_model(workdir / "tiny", hidden=args.tiny_hidden, layers=args.tiny_layers,
                                 num_heads=args.tiny_hidden // 16, num_kv_heads=args.tiny_hidden // 32)
     if args.model == "smollm2":
-        from cluster.model_prep import prepare_embedded_model
+        from replicas.engine.model_prep import prepare_embedded_model
         return prepare_embedded_model()
     return Path(args.model)
 
@@ -94,7 +94,7 @@ def bench_ours(model_dir: Path, args, prompts: list[list[int]], single: list[int
 
 
 def _bench_engine(engine, load_s: float, args, prompts: list[list[int]], single: list[int]) -> dict:
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def run_one(engine, request_id: str, prompt: list[int], max_tokens: int) -> dict:
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0, c0 = time.perf_counter(), time.process_time()
     engine.add_request(GenerationRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sp))
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from cluster.model_prep import resolve_engine_config
+    from replicas.engine.model_prep import resolve_engine_config
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
 

@@ -319,7 +319,7 @@ def transformers_peer(model_dir: Path, args, vocab: int, save_to: dict) -> dict:
 def run_ours(model_dir: Path, args, res: dict, sections: set, parity_prompts, refs, save, teacher: dict) -> None:
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     vocab = shape_config(args.shape)["vocab_size"]
     t = time.perf_counter()
@@ -449,7 +449,7 @@ def teacher_logits(engine, seqs: list[list[int]]) -> list[torch.Tensor]:
     sequence with every row sampled, through the runner (and every TP rank) as in serving."""
     from replicas.engine.model_runner import StepInputs
     from replicas.engine.sequence import Sequence
-    from replicas.protocol import SamplingParams
+    from replicas.engine.protocol import SamplingParams
     runner, blocks, out = engine.runner, engine.block_manager, []
     for i, ids in enumerate(seqs):
         seq = Sequence(f"teacher{i}", 0, ids, SamplingParams(max_tokens=1))

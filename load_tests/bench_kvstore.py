@@ -20,7 +20,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import RedisPrefixIndex
 
 MODEL = "bench-model"

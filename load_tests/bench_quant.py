@@ -181,7 +181,7 @@ def run_mode(model_dir: Path, args, mode: str, overrides: dict, sections: set, s
              teacher: bool = True) -> dict:
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     out: dict = {"engine": overrides}
     t = time.perf_counter()

@@ -69,8 +69,8 @@ def deploy(cfg, policy: str) -> None:
     opts["request_router_config"] = RequestRouterConfig(
         request_router_class="load_tests.ray_prefix_baseline.RayPrefixCacheAffinityRouter",
                                                         request_routing_stats_period_s=0.5)
-    replica = serve.deployment(LLMReplica).options(**opts).bind(cfg)
-    serve.run(serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg, replica),
+    replica = serve.deployment(LLMReplica).options(**opts).bind(cfg.replica_config())
+    serve.run(serve.deployment(OpenAIIngress).options(**ingress_options(cfg)).bind(cfg.ingress_config(), replica),
               name=APP, route_prefix="/", blocking=False)
 
 
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from cluster.redis_server import EmbeddedRedis
-    from tests.fixtures.ray_cluster import free_port
+    from cluster.ports import free_port
 
     model_dir = tempfile.mkdtemp(prefix="llmc-bench-model-")
     if args.model == "bench":

@@ -20,7 +20,7 @@ import time
 import torch
 
 from replicas.engine.sampler import Sampler, SamplingBatch, _with_logprobs
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 
 MIXES = {
     "greedy": lambda i: SamplingParams(temperature=0),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 
-from replicas.protocol import GenerationRequest
+from replicas.engine.protocol import GenerationRequest
 
 
 class RayPrefixCacheAffinityRouter(PrefixCacheAffinityRouter):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvstore.hashing import block_hashes
+from replicas.engine.hashing import block_hashes
 
 
 @dataclass(frozen=True)

@@ -441,7 +441,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 def _cluster_config(cfg: SoakConfig, scratch: Path):
     from cluster.config import load_config
-    from tests.fixtures.ray_cluster import free_port
+    from cluster.ports import free_port
     over: dict[str, Any] = {"engine.device": "cpu", "replicas.num_replicas": cfg.replicas,
                             "router.port": free_port(), "router.policy": "prefix",
                             # A killed replica is noticed by its streams and Ray at once; health checks

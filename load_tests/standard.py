@@ -38,6 +38,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.ports import free_port
 from load_tests.client import ClientConfig, RunResult, run_load_sync
 from load_tests.report import plot_servers, write_comparison_report, write_run_report
 from load_tests.sampler import TimePoint
@@ -100,11 +101,6 @@ class StandardConfig(BaseModel):
             soak_model="tiny"), **kw})
 
 
-def _free_port() -> int:
-    from tests.fixtures.ray_cluster import free_port
-    return free_port()
-
-
 def _wait_ready(base: str, timeout_s: float = 300) -> None:
     from load_tests.bench_autoscaling import wait_ready
     wait_ready(base, timeout_s)
@@ -128,7 +124,7 @@ class _Shared:
             from cluster.launcher import running_cluster
             from load_tests.transformers_serve import warm_up
             cfg = load_config(overrides={"engine.device": "cpu", "replicas.num_cpus": self.c.smollm2_cpus,
-                                         "router.port": _free_port()})
+                                         "router.port": free_port()})
             stack = contextlib.ExitStack()
             try:
                 live = stack.enter_context(running_cluster(cfg, dashboard=False, log_to_driver=False))
@@ -167,7 +163,7 @@ def _client(c: StandardConfig, base: str, model: str, **kw) -> ClientConfig:
 
 def serving_vs_transformers(c: StandardConfig, shared: _Shared) -> Step:
     def fn(_url: str | None, out: Path) -> dict:
-        from cluster.model_prep import prepare_embedded_model
+        from replicas.engine.model_prep import prepare_embedded_model
         from load_tests.transformers_serve import transformers_serve
         shared.release()  # transformers serve gets the machine to itself
         out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +309,7 @@ def autoscaling(c: StandardConfig, shared: _Shared) -> Step:
         from cluster.launcher import running_cluster
         from load_tests.bench_autoscaling import autoscaling_config, running_replicas, wait_for
         shared.release()
-        cfg = autoscaling_config(shared.tiny_model(), **{"router.port": _free_port(),
+        cfg = autoscaling_config(shared.tiny_model(), **{"router.port": free_port(),
                                                          "autoscaling.max_replicas": c.as_max_replicas})
         with running_cluster(cfg, num_cpus=8, dashboard=False, log_to_driver=False) as live:
             base = f"http://127.0.0.1:{live.router.port}"

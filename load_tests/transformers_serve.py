@@ -23,6 +23,7 @@ from typing import Iterator
 
 import httpx
 
+from cluster.ports import free_port
 from load_tests.target import check_target
 
 
@@ -44,19 +45,12 @@ def servable_dir(model_dir: Path, scratch: Path) -> Path:
     return shadow
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def transformers_serve(model_dir: str | os.PathLike, *, continuous_batching: bool = False, port: int | None = None,
                        start_timeout_s: float = 240.0, log_path: str | os.PathLike | None = None,
                        threads: int | None = None) -> Iterator[tuple[str, str]]:
     """Yield (base URL, model id) of a warmed-up `transformers serve` for model_dir on CPU."""
-    port = port or _free_port()
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     check_target(base)
     exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")

@@ -9,13 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 import uuid
 from typing import AsyncIterator
 
-from cluster.config import ClusterConfig
-from replicas.protocol import EngineError, GenerationChunk, GenerationRequest
+import ray
+from ray import serve
+
+from kvstore.index import RedisPrefixIndex
+from kvstore.publisher import KVEventPublisher
+from replicas.config import ReplicaConfig
+from replicas.engine.model_prep import resolve_engine_config
+from replicas.engine.protocol import EngineError, GenerationChunk, GenerationRequest
+from replicas.metrics import ReplicaMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -28,15 +34,11 @@ class ReplicaUnhealthy(RuntimeError):
     pass
 
 
-class _InjectedCrash(BaseException):
-    """Escapes the engine loop's `except Exception`, so the loop thread dies (fault injection only)."""
-
-
 class LLMReplica:
-    def __init__(self, config: ClusterConfig):
-        from cluster.model_prep import resolve_engine_config, served_model_id
+    def __init__(self, config: ReplicaConfig):
+        # Here, not at module level: torch and transformers load only where an engine runs, not in the driver
+        # that builds the app.
         from replicas.engine.async_engine import AsyncLLMEngine
-        from replicas.metrics import ReplicaMetrics
 
         self.config = config
         self.engine_config = resolve_engine_config(config.engine)
@@ -45,16 +47,16 @@ class LLMReplica:
             _set_torch_threads(cpu_threads(config))
         self.replica_id = _replica_unique_id()
         self.epoch = f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:6]}"
-        self.metrics = ReplicaMetrics(served_model_id(self.engine_config), self.replica_id,
+        self.metrics = ReplicaMetrics(self.engine_config.served_model_id, self.replica_id,
                                       lambda: self.engine.stats().model_dump())
         # KV block events -> the prefix index the routers read (only when Redis is configured).
         self.publisher = _kv_publisher(config, self.engine_config, self.replica_id, self.epoch,
                                        self.metrics.redis_fallback)
         hooks = {} if self.publisher is None else {"on_blocks_stored": self.publisher.on_blocks_stored,
                                                    "on_blocks_evicted": self.publisher.on_blocks_evicted}
-        self.engine = AsyncLLMEngine(self.engine_config, **hooks)
+        self.engine = AsyncLLMEngine(self.engine_config, tp_workers=_tp_workers(), **hooks)
         if self.publisher is not None:
-            self.publisher.full_set = self._cached_block_hashes
+            self.publisher.full_set = self.engine.cached_block_hashes
             self._publisher_task = _start_on_running_loop(self.publisher.start())
         self._draining = False
         self._inflight = 0  # generate() streams open on this replica: work the engine may not list yet
@@ -188,35 +190,13 @@ class LLMReplica:
 
     def _inject_fault(self, kind: str) -> str:
         """Tests only, refused unless LLM_CLUSTER_FAULT_INJECTION=1 in the replica's environment.
-        "stall": the engine loop blocks in its next step, forever; "crash": the loop thread dies at its
-        next step; "slow": every step takes 50 ms longer (streams last long enough to watch a drain).
-        Swaps the engine's step method, so the serving path carries no check for it.
-        Returns this replica's id."""
+        "stall", "crash" or "slow" (AsyncLLMEngine.inject_fault; "slow" makes streams last long enough to
+        watch a drain). Returns this replica's id."""
         if os.environ.get(FAULT_INJECTION_ENV) != "1":
             raise PermissionError(f"fault injection is off (set {FAULT_INJECTION_ENV}=1)")
-        inner = self.engine.engine
-        step = type(inner).step.__get__(inner)  # the real one, however often faults are injected
-        if kind == "stall":
-            never = threading.Event()
-            inner.step = lambda: never.wait() and []
-        elif kind == "crash":
-            def crash():
-                raise _InjectedCrash("injected engine loop crash")
-            inner.step = crash
-        elif kind == "slow":
-            def slow():
-                time.sleep(0.05)
-                return step()
-            inner.step = slow
-        else:
-            raise ValueError(f"unknown fault {kind!r}")
+        self.engine.inject_fault(kind)
         log.warning("replica %s: injected fault %r", self.replica_id, kind)
         return self.replica_id
-
-    def _cached_block_hashes(self) -> list[int]:
-        # The publisher's resync snapshot, read off the engine thread: list() of an int-keyed dict runs
-        # in C under the GIL, so it never sees the dict mid-change.
-        return list(self.engine.engine.block_manager.cached)
 
     def __del__(self):
         # Serve calls this on replica shutdown (downscale, redeploy): stop publishing (its entries are
@@ -230,6 +210,15 @@ class LLMReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _tp_workers():
+    """How a TP engine runs its worker ranks: Ray actors in this replica's placement group (under Serve); None
+    (the engine's default, local processes) for a replica built outside Ray."""
+    if ray.is_initialized() and ray.util.get_current_placement_group() is not None:
+        from replicas.tp_worker import RayWorkers  # here: it loads torch, like the engine (see __init__)
+        return RayWorkers
+    return None
 
 
 def _exit_process() -> None:
@@ -246,7 +235,7 @@ def _engine_device(cfg):
         return None
 
 
-def cpu_threads(config: ClusterConfig, env_vars: dict | None = None, cores: int | None = None) -> int | None:
+def cpu_threads(config: ReplicaConfig, env_vars: dict | None = None, cores: int | None = None) -> int | None:
     """Torch threads of a CPU replica; None leaves what Ray set (OMP_NUM_THREADS = the actor's num_cpus).
 
     Ray's default would run the embedded model on one thread of a 2-core box (replicas.num_cpus defaults to 1,
@@ -257,9 +246,8 @@ def cpu_threads(config: ClusterConfig, env_vars: dict | None = None, cores: int 
         return r.torch_threads
     if "OMP_NUM_THREADS" in (_runtime_env_vars() if env_vars is None else env_vars):
         return None
-    replicas = config.autoscaling.max_replicas if config.autoscaling.enabled else r.num_replicas
     cores = cores or _usable_cores()
-    return max(int(r.num_cpus) or 1, cores // max(1, replicas * config.engine.tp_size))
+    return max(int(r.num_cpus) or 1, cores // max(1, config.concurrent_replicas * config.engine.tp_size))
 
 
 def _usable_cores() -> int:
@@ -275,7 +263,6 @@ def _usable_cores() -> int:
 
 
 def _runtime_env_vars() -> dict:
-    import ray
     if not ray.is_initialized():  # outside Ray (unit tests): the process's own environment
         return dict(os.environ)
     try:
@@ -296,16 +283,13 @@ def _set_torch_threads(n: int | None) -> None:
         log.info("torch threads: %d", n)
 
 
-def _kv_publisher(config: ClusterConfig, engine_config, replica_id: str, epoch: str, on_fallback=None):
+def _kv_publisher(config: ReplicaConfig, engine_config, replica_id: str, epoch: str, on_fallback=None):
     """The replica's KVEventPublisher, or None without Redis. Never fails the replica: without a
     publisher the routers just don't see this replica's cache."""
     if not config.redis_url:
         return None
     try:
-        from cluster.model_prep import served_model_id
-        from kvstore.index import RedisPrefixIndex
-        from kvstore.publisher import KVEventPublisher
-        return KVEventPublisher(RedisPrefixIndex(config.redis_url), served_model_id(engine_config), replica_id, epoch,
+        return KVEventPublisher(RedisPrefixIndex(config.redis_url), engine_config.served_model_id, replica_id, epoch,
                                 on_fallback=on_fallback)
     except Exception as e:  # noqa: BLE001 — e.g. a malformed URL
         log.warning("replica %s: no KV event publishing (%r)", replica_id, e)
@@ -323,7 +307,6 @@ def _start_on_running_loop(coro) -> asyncio.Task | None:
 
 def _replica_unique_id() -> str:
     try:
-        from ray import serve
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (unit tests)
         return f"local-{uuid.uuid4().hex[:8]}"
@@ -331,7 +314,6 @@ def _replica_unique_id() -> str:
 
 def _node_id() -> str | None:
     try:
-        import ray
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None

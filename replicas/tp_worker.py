@@ -1,6 +1,6 @@
 """Tensor-parallel worker actors of an LLMReplica: ranks 1..tp-1, one Ray actor in each further bundle of the
 replica's placement group (rank 0 is the replica actor itself, in bundle 0), and `RayWorkers`, rank 0's
-handle on them (picked by `TPWorkers.launch` inside a placement group).
+handle on them (injected into the engine by `LLMReplica` inside a placement group).
 
 The actors are children of the replica actor: if the replica dies they die with it, and its shutdown
 stops them and kills them. Each is named `<replica id>/tp<rank>` in the `TP_NAMESPACE` namespace.

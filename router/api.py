@@ -22,15 +22,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import ray
 from ray import serve
 
-from cluster.config import ClusterConfig
-from cluster.metrics import request_status
-from cluster.model_prep import served_model_id
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 from router.admission import Admission, Ticket
 from router.auth import ApiKeys
+from router.config import IngressConfig
 from router.errors import ERROR_TYPES, APIError, bad_request, install_error_handlers
 from router.failover import ResumableGeneration
-from router.metrics import CONTENT_TYPE, RouterMetrics
+from router.metrics import CONTENT_TYPE, RouterMetrics, request_status
 from router.middleware import Gatekeeper
 from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
@@ -55,12 +53,12 @@ _ERROR_RESPONSES = {s: {"description": t} for s, t in ERROR_TYPES.items() if s i
 class OpenAIRouter:
     """Owns the FastAPI app (`.app`) for one ingress instance; `replicas` is the LLMReplica handle."""
 
-    def __init__(self, config: ClusterConfig, replicas: Any):
+    def __init__(self, config: IngressConfig, replicas: Any):
         self.config = config
         self.replicas = replicas
-        self.keys = ApiKeys.from_config(config)
+        self.keys = ApiKeys.from_config(config.router)
         self.keys.announce()
-        self.metrics = RouterMetrics(served_model_id(config.engine), ray=ray.is_initialized())
+        self.metrics = RouterMetrics(config.engine.served_model_id, ray=ray.is_initialized())
         self.admission = Admission(config.router.max_queued_requests, config.router.num_router_replicas)
         self._in_flight = 0
         self._preparer_load: SharedLoad[PromptPreparer] = SharedLoad(self._load_preparer, "tokenizer")
@@ -365,7 +363,7 @@ class OpenAIRouter:
 class OpenAIIngress:
     """The Serve ingress deployment; its options are set in `cluster.app`."""
 
-    def __init__(self, config: ClusterConfig, replicas: Any):
+    def __init__(self, config: IngressConfig, replicas: Any):
         self.router = OpenAIRouter(config, replicas)
         try:
             asyncio.get_running_loop()

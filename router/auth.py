@@ -9,12 +9,12 @@ import logging
 import os
 from typing import Iterable, Mapping
 
-from cluster.config import ENV_PREFIX, ClusterConfig
+from router.config import RouterSettings
 from router.errors import APIError
 
 log = logging.getLogger("llm_cluster.router")
 
-ENV_VAR = ENV_PREFIX + "API_KEYS"
+ENV_VAR = "LLM_CLUSTER_API_KEYS"
 
 
 class ApiKeys:
@@ -22,11 +22,11 @@ class ApiKeys:
         self._keys = sorted({k.encode() for k in keys if k})
 
     @classmethod
-    def from_config(cls, cfg: ClusterConfig, env: Mapping[str, str] | None = None) -> "ApiKeys":
+    def from_config(cls, settings: RouterSettings, env: Mapping[str, str] | None = None) -> "ApiKeys":
         # The env var is read here too: the ingress may run where the config was built without it.
         env = os.environ if env is None else env
         from_env = [k.strip() for k in env.get(ENV_VAR, "").split(",")]
-        return cls([k.get_secret_value() for k in cfg.router.api_keys] + from_env)
+        return cls([k.get_secret_value() for k in settings.api_keys] + from_env)
 
     @property
     def open(self) -> bool:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
-from replicas.protocol import EngineError, GenerationChunk, GenerationRequest
+from replicas.engine.protocol import EngineError, GenerationChunk, GenerationRequest
 from router.errors import APIError
-
-if TYPE_CHECKING:
-    from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics
 
 log = logging.getLogger("llm_cluster.router")
 
@@ -147,7 +145,7 @@ class _Aborted(Exception):
 
 
 def _reason(exc: BaseException) -> str:
-    """The llmc_request_retries_total reason (cluster.metrics RETRY_REASONS)."""
+    """The llmc_request_retries_total reason (replicas.metrics RETRY_REASONS)."""
     from ray.exceptions import ActorDiedError, RayActorError
     from ray.serve.exceptions import DeploymentUnavailableError
 

@@ -1,4 +1,4 @@
-"""The router ingress's metrics: the catalogue's router metrics (`cluster.metrics`: names, labels, buckets),
+"""The router ingress's metrics: the catalogue's router metrics (`replicas.metrics`: names, labels, buckets),
 recorded to Ray's metrics export (dashboards, alerts) and to this ingress's own prometheus registry, which
 GET /metrics serves in the text format.
 
@@ -15,7 +15,7 @@ import time
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from cluster.metrics import BREAKER_STATES, CATALOGUE, MetricsRecorder, RequestObserver, request_status
+from replicas.metrics import BREAKER_STATES, CATALOGUE, MetricsRecorder
 from router.replica_choice import RedisRoutingStats, redis_routing_stats
 
 log = logging.getLogger("llm_cluster.router")
@@ -24,6 +24,54 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 ROUTER_METRICS = tuple(name for name, spec in CATALOGUE.items() if spec.recorded_by == "router")
 REDIS_ROUTING_METRICS = ("llmc_router_index_lookup_failures_total", "llmc_redis_fallbacks_total",
                          "llmc_router_redis_breaker_state")
+
+
+def request_status(http_status: int | None = None, *, cancelled: bool = False) -> str:
+    """The llmc_requests_total status label for a finished request."""
+    if cancelled:
+        return "cancelled"
+    if http_status is None or http_status < 400:
+        return "ok"
+    return {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+            429: "overloaded", 503: "unavailable"}.get(http_status, "bad_request" if http_status < 500 else "error")
+
+
+class RequestObserver:
+    """One request's latency and token metrics, as the router ingress sees them.
+
+    Create at request arrival, call `tokens(n)` for every streamed chunk with n new tokens, and
+    `finish(...)` exactly once (also on errors and cancellation)."""
+
+    __slots__ = ("_rec", "_model", "_t0", "_last")
+
+    def __init__(self, recorder: MetricsRecorder, model: str, start: float | None = None):
+        self._rec, self._model = recorder, model
+        self._t0 = time.perf_counter() if start is None else start
+        self._last: float | None = None
+
+    def tokens(self, n: int = 1, now: float | None = None) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter() if now is None else now
+        if self._last is None:
+            self._rec.observe("llmc_time_to_first_token_seconds", now - self._t0, model=self._model)
+        else:
+            gap = (now - self._last) / n
+            for _ in range(n):
+                self._rec.observe("llmc_inter_token_latency_seconds", gap, model=self._model)
+        self._last = now
+
+    def finish(self, status: str, prompt_tokens: int = 0, generation_tokens: int = 0,
+               now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        rec, model = self._rec, self._model
+        rec.inc("llmc_requests_total", status=status, model=model)
+        if status == "ok":
+            rec.observe("llmc_e2e_request_latency_seconds", now - self._t0, model=model)
+        if prompt_tokens:
+            rec.inc("llmc_prompt_tokens_total", prompt_tokens, model=model)
+        if generation_tokens:
+            rec.inc("llmc_generation_tokens_total", generation_tokens, model=model)
 
 
 class RouterMetrics:

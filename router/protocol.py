@@ -1,5 +1,5 @@
 """The OpenAI wire schema the ingress speaks: request models (completions, chat), response and stream-chunk
-models, and the one mapping from request parameters to `replicas.protocol.SamplingParams`.
+models, and the one mapping from request parameters to `replicas.engine.protocol.SamplingParams`.
 
 No field is dropped silently: a top-level field outside OpenAI's schema (and our documented extras) is a 400
 naming it, as OpenAI answers; a field OpenAI defines that we do not implement is a 400 saying so (unless it
@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 
 MAX_STOP_STRINGS = 16  # SamplingParams' own bound; over it is a 400, not a 500
 INT64 = 2**63

@@ -24,7 +24,7 @@ the same cache holder. A slow or absent index (lookup -> None) leaves this choos
 recent decisions (`router.recent_routes`) as the prefix estimate, weighed against load the same way; a
 prompt it has not routed recently then goes by load alone. When the index answers, the decisions of the
 last `index_lag_s` are added to its answer (holders publish only after computing).
-Every decision is counted by outcome (cluster.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
+Every decision is counted by outcome (replicas.metrics ROUTING_OUTCOMES) in `llmc_routing_decisions_total`
 and in `outcomes`. Index lookups that do not answer, and the requests routed without the index because of
 them, are counted by reason in this process's totals (`redis_routing_stats`, which the ingress's GET
 /metrics and `llm-cluster status` read) as well as in Ray's metrics export; so is the breaker's state.
@@ -45,18 +45,16 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from cluster.config import RoutingKnobs
-from cluster.metrics import BREAKER_STATES
-from kvstore.hashing import block_hashes, extra_key
-from replicas.protocol import GenerationRequest
+from kvstore.index import PrefixIndex, RedisPrefixIndex
+from replicas.engine.hashing import block_hashes, extra_key
+from replicas.engine.protocol import GenerationRequest
+from replicas.metrics import BREAKER_STATES, MetricsRecorder
+from router.config import RoutingKnobs
 from router.recent_routes import RecentRoutes
-
-if TYPE_CHECKING:
-    from kvstore.index import PrefixIndex
 
 log = logging.getLogger("ray.serve")
 
@@ -67,8 +65,8 @@ METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_tota
 
 
 class RoutingParams(RoutingKnobs):
-    """The router's knobs: the operator's (cluster.config.RoutingKnobs) and what the deployment fills in;
-    shipped as `request_router_kwargs` (JSON) by `router.routing.router_config`."""
+    """The router's knobs: the operator's (router.config.RoutingKnobs) and what the deployment fills in;
+    shipped as `request_router_kwargs` (JSON) by `cluster.app.request_router_config`."""
     model_id: str = Field(description="Served model id: the prefix index namespace and block-hash extra key.")
     block_size: int = Field(16, ge=1)
     redis_url: str | None = None
@@ -127,7 +125,7 @@ class RedisRoutingStats(BaseModel):
     breaker: Breaker | None = Field(None, description="The most open breaker of this process's routers for "
                                     "the model; None: none has opened the index yet (or there is none).")
     lookup_failures: dict[str, int] = Field(default_factory=dict, description="Index lookups that did not "
-                                            "answer, by reason (cluster.metrics LOOKUP_FAILURE_REASONS).")
+                                            "answer, by reason (replicas.metrics LOOKUP_FAILURE_REASONS).")
     fallbacks: dict[str, int] = Field(default_factory=dict, description="Requests routed without the index "
                                       "because it did not answer, by reason (REDIS_FALLBACK_REASONS).")
 
@@ -169,7 +167,7 @@ def redis_routing_stats(model_id: str) -> RedisRoutingStats:
 
 class ReplicaChooser:
     def __init__(self, params: RoutingParams, index: "PrefixIndex | None" = None, metrics=None):
-        """`index` and `metrics` (a cluster.metrics.MetricsRecorder) are for tests; by default a
+        """`index` and `metrics` (a replicas.metrics.MetricsRecorder) are for tests; by default a
         RedisPrefixIndex on `redis_url` is made on first use (on the caller's loop, where its
         connections live) and metrics go to Ray's exporter."""
         self.params = params
@@ -326,7 +324,6 @@ class ReplicaChooser:
 
     def _get_index(self) -> "PrefixIndex | None":
         if self._index is None and self.params.redis_url:
-            from kvstore.index import RedisPrefixIndex
             try:
                 self._index = RedisPrefixIndex(self.params.redis_url, timeout_s=self.params.redis_timeout_ms / 1000,
                                                breaker_s=self.params.redis_breaker_s)
@@ -431,7 +428,6 @@ class ReplicaChooser:
 
 def _recorder():
     try:
-        from cluster.metrics import MetricsRecorder
         return MetricsRecorder(METRICS)
     except Exception as e:  # noqa: BLE001 — metrics are best effort, routing is not
         log.warning("router metrics unavailable: %r", e)

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import AsyncIterator, Callable
 
-from replicas.protocol import GenerationChunk, TokenLogprob
+from replicas.engine.protocol import GenerationChunk, TokenLogprob
 from router.errors import APIError, internal_error, sse_error_event
 from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                              ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,

@@ -1,4 +1,5 @@
-"""KVAwareRouter: the Ray Serve RequestRouter of the LLMReplica deployment, and its config.
+"""KVAwareRouter: the Ray Serve RequestRouter of the LLMReplica deployment (configured by
+`cluster.app.request_router_config`).
 
 The choice itself (round_robin / pow2 / prefix against load) is `router.replica_choice.ReplicaChooser`;
 this module adapts it to Serve: candidates in, ranked groups `[[best], [the rest, best first]]` out (so
@@ -11,29 +12,12 @@ keep module state and heavy definitions out of it (they live in router.replica_c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from cluster.config import RoutingKnobs
-from replicas.protocol import GenerationRequest
-from router.replica_choice import STATS_PERIOD_S, ReplicaChooser, RoutingParams
-
-if TYPE_CHECKING:
-    from cluster.config import ClusterConfig
-
-
-def router_config(cfg: "ClusterConfig"):
-    """The LLMReplica deployment's RequestRouterConfig (imported by cluster.app)."""
-    from ray.serve.config import RequestRouterConfig
-
-    from cluster.model_prep import served_model_id
-
-    params = RoutingParams(**cfg.router.model_dump(include=set(RoutingKnobs.model_fields)),
-                           model_id=served_model_id(cfg.engine), block_size=cfg.engine.block_size,
-                           redis_url=cfg.redis_url, routers=cfg.router.num_router_replicas)
-    return RequestRouterConfig(request_router_class=KVAwareRouter, request_router_kwargs=params.model_dump(),
-                               request_routing_stats_period_s=STATS_PERIOD_S)
+from replicas.engine.protocol import GenerationRequest
+from router.replica_choice import ReplicaChooser, RoutingParams
 
 
 class KVAwareRouter(RequestRouter):

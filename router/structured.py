@@ -1,5 +1,5 @@
 """Structured outputs at the router: OpenAI's `response_format` (and the schemas tool calling constrains
-arguments with) -> `replicas.protocol.StructuredOutput`, after checking that the engine's grammar library
+arguments with) -> `replicas.engine.protocol.StructuredOutput`, after checking that the engine's grammar library
 enforces every JSON Schema keyword the schema uses. A keyword it would silently ignore is a 400 that names it:
 output that does not validate must never be answered with a 200.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from replicas.protocol import StructuredOutput
+from replicas.engine.protocol import StructuredOutput
 from router.errors import bad_request
 
 # Keywords the grammar enforces (xgrammar's JSON Schema converter), and annotations that constrain nothing.

@@ -1,5 +1,5 @@
 """Prompt preparation in the router: the model's chat template, tokenization, token-id and context-length
-checks, and the prompt's block hashes (for prefix routing; `kvstore.hashing` is the one implementation).
+checks, and the prompt's block hashes (for prefix routing; `replicas.engine.hashing` is the one implementation).
 
 The router tokenizes so that it can hash blocks before choosing a replica; replicas take the ids as they are.
 """
@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from router.errors import bad_request
 
 

@@ -34,5 +34,5 @@ def tiny_model_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from cluster.model_prep import prepare_embedded_model
+    from replicas.engine.model_prep import prepare_embedded_model
     return prepare_embedded_model()

@@ -6,7 +6,7 @@ import torch
 
 from replicas.engine.config import EngineConfig
 from replicas.engine.engine import LLMEngine
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 
 
 def make_engine(model_dir, **kw) -> LLMEngine:

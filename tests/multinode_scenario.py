@@ -22,7 +22,7 @@ def main(model_dir: str) -> dict:
                                               tiny_config, wait_for, wait_ready)
     from replicas.deployment import LLMReplica
     from router.api import OpenAIIngress
-    from tests.fixtures.ray_cluster import free_port
+    from cluster.ports import free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"head": 1}, "gcs_server_port": free_port(), "include_dashboard": False,
@@ -39,11 +39,11 @@ def main(model_dir: str) -> dict:
         base = f"http://127.0.0.1:{port}"
 
         cfg = tiny_config(model_dir, **{"replicas.num_replicas": 2, "replicas.max_replicas_per_node": 1})
-        replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg)
+        replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg.replica_config())
         # The API tier stays on the head node with the proxy: this scenario loses a replica node, not the
         # node that holds the client's connection.
         ingress = {**ingress_options(cfg), "ray_actor_options": {"num_cpus": 0, "resources": {"head": 0.01}}}
-        serve.run(serve.deployment(OpenAIIngress).options(**ingress).bind(cfg, replica), name=APP, route_prefix="/")
+        serve.run(serve.deployment(OpenAIIngress).options(**ingress).bind(cfg.ingress_config(), replica), name=APP, route_prefix="/")
         wait_ready(base, 120)
         wait_for(lambda: running_replicas() == 2, 120, what="2 replicas")
         out["setup_s"] = round(time.monotonic() - t_start, 1)

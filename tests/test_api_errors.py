@@ -91,7 +91,7 @@ async def test_auth_keys_from_env(make_api, monkeypatch):
     from cluster.config import ClusterConfig
     from router.auth import ApiKeys
 
-    keys = ApiKeys.from_config(ClusterConfig())
+    keys = ApiKeys.from_config(ClusterConfig().router)
     assert len(keys) == 2 and not keys.open
     keys.check("Bearer sk-env2")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from tests.fixtures.fake_replicas import FakeReplica, expected_text, metric_value, sse_events, token_at
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]

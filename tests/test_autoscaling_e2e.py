@@ -52,7 +52,7 @@ async def test_downscale_drains_in_flight_streams(ray_cluster, tiny_model_dir):
 
     from cluster.app import replica_options
     from replicas.deployment import LLMReplica
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     app = "drain-test"
     cfg = tiny_config(tiny_model_dir, **{"replicas.num_replicas": 2, "engine.max_num_seqs": 4})
@@ -61,7 +61,7 @@ async def test_downscale_drains_in_flight_streams(ray_cluster, tiny_model_dir):
         # A pinned version makes the second run a pure num_replicas change, as a `serve deploy` config
         # edit is: Serve stops the surplus replica through the same graceful path as an autoscaling downscale.
         opts = {**replica_options(cfg), "num_replicas": num_replicas, "version": "pinned", "_internal": True}
-        serve.run(serve.deployment(LLMReplica).options(**opts).bind(cfg), name=app, route_prefix=None)
+        serve.run(serve.deployment(LLMReplica).options(**opts).bind(cfg.replica_config()), name=app, route_prefix=None)
 
     await asyncio.to_thread(run, 2)
     try:

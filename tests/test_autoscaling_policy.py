@@ -7,8 +7,9 @@ import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from cluster.autoscaling import QueueDepthPolicy, policy_config
+from cluster.app import policy_config
 from cluster.config import load_config
+from router.autoscaling import QueueDepthPolicy
 
 DEP = DeploymentID(name="LLMReplica", app_name="llm-cluster")
 

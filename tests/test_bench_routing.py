@@ -10,7 +10,7 @@ from ray.serve.request_router import PendingRequest
 
 from load_tests import bench_routing
 from load_tests.ray_prefix_baseline import RayPrefixCacheAffinityRouter
-from replicas.protocol import GenerationRequest
+from replicas.engine.protocol import GenerationRequest
 
 
 def _pending(*args) -> PendingRequest:

@@ -10,7 +10,7 @@ import pytest
 
 from replicas.engine.async_engine import AsyncLLMEngine, EngineShutdown
 from replicas.engine.config import EngineConfig
-from replicas.protocol import EngineError, SamplingParams
+from replicas.engine.protocol import EngineError, SamplingParams
 from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, text_of, tokens_of
 
 pytestmark = pytest.mark.timeout(120)

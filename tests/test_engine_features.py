@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.detokenizer import token_texts
-from replicas.protocol import EngineError, SamplingParams
+from replicas.engine.protocol import EngineError, SamplingParams
 from tests.engine_utils import (
     HFReference, greedy, make_engine, random_prompts, request, run_all, text_of, tokens_of,
 )

@@ -60,7 +60,7 @@ def test_shared_prefixes_hit_cache(tiny_model_dir, hf_llama):
 def test_repeated_block_aligned_prompts_with_router_hashes(tiny_model_dir, hf_llama):
     # The ingress sends the prompt's full-block hashes; a prompt that fills its last block, sent again
     # (retries, identical requests), is cached whole and must still compute its last block to sample.
-    from kvstore.hashing import block_hashes
+    from replicas.engine.hashing import block_hashes
     engine = make_engine(tiny_model_dir)
     prompts = random_prompts(4, engine.vocab_size, 12, 12, seed=11)  # 3 full blocks of 4 each
     hashes = [block_hashes(p, 4, engine.block_manager.extra_key) for p in prompts]

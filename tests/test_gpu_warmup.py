@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")

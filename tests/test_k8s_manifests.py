@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.metrics import CATALOGUE, RAY_EXPORT_PREFIX, exported_names
+from replicas.metrics import CATALOGUE, RAY_EXPORT_PREFIX, exported_names
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

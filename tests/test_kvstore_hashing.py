@@ -1,4 +1,4 @@
-"""kvstore.hashing: the one block-hash function shared by router and engine."""
+"""replicas.engine.hashing: the one block-hash function shared by router and engine."""
 from __future__ import annotations
 
 import subprocess
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.hashing import ROOT_HASH, block_hashes, extra_key, hash_block
+from replicas.engine.hashing import ROOT_HASH, block_hashes, extra_key, hash_block
 
 
 def test_values_are_pinned_and_stable_across_processes():
     # Pinned: router and engine in different processes (and versions) must agree forever.
     assert block_hashes(list(range(48)), 16) == [-945382171135270762, -9192240449392426166, -150920988075258501]
-    code = "from kvstore.hashing import block_hashes; print(block_hashes(list(range(48)), 16))"
+    code = "from replicas.engine.hashing import block_hashes; print(block_hashes(list(range(48)), 16))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[-945382171135270762, -9192240449392426166, -150920988075258501]"

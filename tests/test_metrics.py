@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.metrics import (CATALOGUE, EngineStatsExporter, MetricsRecorder, RequestObserver, exported_names,
-                             request_status)
+from replicas.metrics import CATALOGUE, EngineStatsExporter, MetricsRecorder, exported_names
+from router.metrics import RequestObserver, request_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_ray_export_names_match_exported_names(tmp_path):
             @ray.remote(num_cpus=0)
             class Recorder:
                 def record(self):
-                    from cluster.metrics import MetricsRecorder
+                    from replicas.metrics import MetricsRecorder
                     from tests.test_metrics import _record_every_metric
                     self.rec = MetricsRecorder()
                     _record_every_metric(self.rec)

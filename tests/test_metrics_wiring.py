@@ -10,10 +10,9 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cluster.metrics import MetricsRecorder
 from kvstore.index import RedisPrefixIndex
 from kvstore.publisher import KVEventPublisher
-from replicas.metrics import ReplicaMetrics
+from replicas.metrics import MetricsRecorder, ReplicaMetrics
 from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied, sse_events
 from tests.fixtures.ray_cluster import free_port
 from tests.test_autoscaling_policy import ctx, policy, q
@@ -110,10 +109,10 @@ async def test_publisher_counts_redis_failures_by_reason():
 async def test_llm_replica_exports_its_stats_and_publisher_fallbacks(tiny_model_dir, monkeypatch):
     """LLMReplica wires both: the sampling task starts on its loop and stops on shutdown; its publisher
     reports to the same ReplicaMetrics."""
-    import replicas.metrics as rm
+    import replicas.deployment as rm
     from cluster.config import load_config
     from replicas.deployment import LLMReplica
-    from replicas.protocol import GenerationRequest, SamplingParams
+    from replicas.engine.protocol import GenerationRequest, SamplingParams
 
     reg = CollectorRegistry()
     real = rm.ReplicaMetrics
@@ -124,7 +123,7 @@ async def test_llm_replica_exports_its_stats_and_publisher_fallbacks(tiny_model_
     cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.model_id": "tiny",
                                  "engine.device": "cpu", "engine.block_size": 4, "engine.num_kv_blocks": 64,
                                  "redis_url": f"redis://127.0.0.1:{free_port()}"})  # nothing listens there
-    replica = LLMReplica(cfg)
+    replica = LLMReplica(cfg.replica_config())
     try:
         labels = {"model": "tiny", "replica": replica.replica_id}
         req = GenerationRequest(request_id="a", prompt_token_ids=list(range(10, 23)),

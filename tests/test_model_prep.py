@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cluster import model_prep
+from replicas.engine import model_prep
 
 
 @pytest.mark.slow

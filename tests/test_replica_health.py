@@ -10,7 +10,7 @@ import pytest
 from cluster.config import load_config
 from replicas import deployment
 from replicas.deployment import LLMReplica, ReplicaUnhealthy
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def replica(tiny_model_dir, monkeypatch):
     cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.device": "cpu",
                                  "engine.num_kv_blocks": 64, "engine.block_size": 4,
                                  "replicas.stall_timeout_s": 0.3})
-    r = LLMReplica(cfg)
+    r = LLMReplica(cfg.replica_config())
     r.exits = exits
     yield r
     r.engine.shutdown(timeout=0.5)
@@ -157,7 +157,7 @@ def test_cuda_probe_passes_a_healthy_device_and_flags_a_broken_one():
     ({"replicas.torch_threads": 5}, {"OMP_NUM_THREADS": "1"}, 2, 5),  # the explicit setting wins over both
 ])
 def test_cpu_threads(overrides, env, cores, want):
-    assert deployment.cpu_threads(load_config(overrides=overrides), env_vars=env, cores=cores) == want
+    assert deployment.cpu_threads(load_config(overrides=overrides).replica_config(), env_vars=env, cores=cores) == want
 
 
 def test_replica_applies_its_torch_threads(tiny_model_dir, monkeypatch):
@@ -166,7 +166,7 @@ def test_replica_applies_its_torch_threads(tiny_model_dir, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.device": "cpu",
                                  "engine.num_kv_blocks": 16, "engine.block_size": 4, "replicas.torch_threads": 1})
-    r = LLMReplica(cfg)
+    r = LLMReplica(cfg.replica_config())
     try:
         assert torch.get_num_threads() == 1 and asyncio.run(r.stats())["torch_threads"] == 1
     finally:

@@ -6,11 +6,10 @@ import asyncio
 import time
 
 from cluster.config import load_config
-from cluster.model_prep import served_model_id
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import RedisPrefixIndex
 from replicas.deployment import LLMReplica
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 from tests.fixtures.ray_cluster import free_port
 
 PROMPT = list(range(10, 23))  # 3 full blocks of 4
@@ -19,7 +18,7 @@ PROMPT = list(range(10, 23))  # 3 full blocks of 4
 def make_replica(model_dir, redis_url) -> LLMReplica:
     cfg = load_config(overrides={"engine.model": str(model_dir), "engine.device": "cpu", "engine.block_size": 4,
                                  "engine.num_kv_blocks": 64, "redis_url": redis_url})
-    return LLMReplica(cfg)
+    return LLMReplica(cfg.replica_config())
 
 
 async def generate(replica: LLMReplica, rid: str):
@@ -29,7 +28,7 @@ async def generate(replica: LLMReplica, rid: str):
 
 
 async def held(index, replica) -> int:
-    model = served_model_id(replica.engine_config)
+    model = replica.engine_config.served_model_id
     hashes = block_hashes(PROMPT, 4, extra_key(model))
     return (await index.lookup(model, hashes, [replica.replica_id]))[replica.replica_id]
 

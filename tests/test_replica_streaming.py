@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from cluster.config import load_config
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def make_replica(tiny_model_dir):
         cfg = load_config(overrides={"engine.model": str(tiny_model_dir), "engine.device": "cpu",
                                      "engine.num_kv_blocks": 64, "engine.block_size": 4,
                                      "replicas.stream_chunks_per_s": chunks_per_s})
-        r = LLMReplica(cfg)
+        r = LLMReplica(cfg.replica_config())
         made.append(r)
         return r
     yield make

@@ -13,14 +13,15 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from ray.serve.request_router import PendingRequest
 
 from cluster.config import load_config
-from cluster.metrics import MetricsRecorder
-from cluster.model_prep import EMBEDDED_MODEL, served_model_id
-from kvstore.hashing import block_hashes, extra_key
+from replicas.metrics import MetricsRecorder
+from replicas.engine.config import EMBEDDED_MODEL
+from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
-from replicas.protocol import GenerationRequest
+from replicas.engine.protocol import GenerationRequest
 from router.recent_routes import RecentRoutes
 from router.replica_choice import METRICS, RoutingParams, router_counters
-from router.routing import KVAwareRouter, router_config
+from cluster.app import request_router_config
+from router.routing import KVAwareRouter
 
 MODEL = "m"
 BS = 4
@@ -437,7 +438,7 @@ def test_router_config_from_cluster_config():
     cfg = load_config(overrides={"router.policy": "pow2", "redis_url": "redis://127.0.0.1:1",
                                  "engine.block_size": 32, "router.redis_timeout_ms": 7, "router.prefix_weight": 1.5,
                                  "router.balance_slack": 6, "router.balance_ratio": 0.25})
-    rc = router_config(cfg)
+    rc = request_router_config(cfg)
     assert rc.request_router_class == "router.routing.KVAwareRouter"
     p = RoutingParams.model_validate(rc.request_router_kwargs)
     assert (p.policy, p.model_id, p.block_size, p.redis_url, p.redis_timeout_ms) == \
@@ -449,7 +450,7 @@ def test_router_config_from_cluster_config():
 async def test_shipped_router_class_works_and_shares_process_state():
     """Serve pickles router.routing by value into every handle's process: the copy must build, route,
     and count into the same process-wide counters as the original (they live in replica_choice)."""
-    rc = router_config(load_config(overrides={"engine.block_size": BS}))
+    rc = request_router_config(load_config(overrides={"engine.block_size": BS}))
     cls = rc.get_request_router_class()
     router = cls(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
     router.initialize_state(**rc.request_router_kwargs)  # no redis_url: every decision is load-only
@@ -460,9 +461,9 @@ async def test_shipped_router_class_works_and_shares_process_state():
 
 
 def test_served_model_id():
-    assert served_model_id(load_config().engine) == EMBEDDED_MODEL
-    assert served_model_id(load_config(overrides={"engine.model": "/x/tiny-llama/"}).engine) == "tiny-llama"
-    assert served_model_id(load_config(overrides={"engine.model": "/x/y", "engine.model_id": "z"}).engine) == "z"
+    assert load_config().engine.served_model_id == EMBEDDED_MODEL
+    assert load_config(overrides={"engine.model": "/x/tiny-llama/"}).engine.served_model_id == "tiny-llama"
+    assert load_config(overrides={"engine.model": "/x/y", "engine.model_id": "z"}).engine.served_model_id == "z"
 
 
 async def test_own_prefill_counts_until_the_replica_stats_refresh():

@@ -19,9 +19,8 @@ import pytest
 
 from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
 from cluster.config import load_config
-from cluster.model_prep import served_model_id
-from kvstore.hashing import block_hashes, extra_key
-from replicas.protocol import GenerationRequest, SamplingParams
+from replicas.engine.hashing import block_hashes, extra_key
+from replicas.engine.protocol import GenerationRequest, SamplingParams
 from router.replica_choice import router_counters
 from tests.fixtures.ray_cluster import _wait_ready
 
@@ -100,7 +99,7 @@ def test_all_traffic_on_one_prefix_still_spreads(cluster):
     _, cfg, handle = cluster
     rng = random.Random(2)
     prefix = tokens(rng, 8 * BS)
-    model = served_model_id(cfg.engine)
+    model = cfg.engine.served_model_id
     before = replica_stats(handle)
     samples: list[dict[str, int]] = []
     stop = threading.Event()
@@ -143,7 +142,7 @@ def test_all_traffic_on_one_prefix_still_spreads(cluster):
 def test_redis_killed_mid_run_no_failures_fallback_then_recovery(cluster, redis_server):
     base, cfg, handle = cluster
     rng = random.Random(3)
-    model = served_model_id(cfg.engine)
+    model = cfg.engine.served_model_id
     prefix = tokens(rng, 6 * BS)
 
     def via_handle(i: int) -> int:

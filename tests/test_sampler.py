@@ -10,7 +10,7 @@ import torch
 import replicas.engine.sampler as sampler_mod
 from replicas.engine.sampler import (Sampler, SamplingBatch, apply_filters, apply_penalties, inverse_cdf,
                                      seed_for)
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 
 V = 64
 

@@ -158,7 +158,7 @@ class Ingress:
         against a Redis that refuses connections: one failed lookup, then one skipped by the open breaker."""
         from ray import serve
 
-        from replicas.protocol import GenerationRequest
+        from replicas.engine.protocol import GenerationRequest
         from router.replica_choice import ReplicaChooser, RoutingParams, redis_routing_stats
         if not self.routed:
             self.routed = True

@@ -13,19 +13,40 @@ import collections
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 from replicas.engine.config import EngineConfig
 from replicas.engine.engine import EngineStats, LLMEngine
-from replicas.protocol import GenerationChunk, GenerationRequest
+from replicas.engine.protocol import GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
 
 _IDLE_TICK_S = 0.5  # the loop wakes at least this often, so `heartbeat` proves it is alive
 
 
+FAULTS = ("stall", "crash", "slow")
+
+
 class EngineShutdown(RuntimeError):
     pass
+
+
+class InjectedCrash(BaseException):
+    """Escapes the loop's `except Exception`, so the loop thread dies (fault injection only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    """Admit a request; its chunks go to `queue` on `loop`."""
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
 
 
 class AsyncLLMEngine:
@@ -39,6 +60,7 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         # request id -> (event loop, queue); touched only on the loop thread.
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._step: Callable[[], list[GenerationChunk]] = self.engine.step  # what the loop runs (inject_fault)
         self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -74,7 +96,7 @@ class AsyncLLMEngine:
             # large schema does not stall every other request's step.
             await asyncio.to_thread(self.engine.grammars.compile, req.sampling.structured)
         queue: asyncio.Queue = asyncio.Queue()
-        if not self._submit(("add", req, asyncio.get_running_loop(), queue)):
+        if not self._submit(_Add(req, asyncio.get_running_loop(), queue)):
             raise EngineShutdown("engine is shut down")
         done = False
         ready: collections.deque = collections.deque()
@@ -102,11 +124,35 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; a still-listening caller gets finish_reason "abort"."""
-        self._submit(("abort", request_id))
+        self._submit(_Abort(request_id))
 
     def check_workers(self, timeout_s: float) -> None:
         """TP: raise if a worker rank is dead or silent, or a step failed (LLMReplica.check_health)."""
         self.engine.check_workers(timeout_s)
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every block hash in the prefix cache now; safe from any thread (LLMEngine.cached_block_hashes)."""
+        return self.engine.cached_block_hashes()
+
+    def inject_fault(self, kind: str) -> None:
+        """Tests only. "stall": the loop blocks in its next step, forever; "crash": the loop thread dies at its
+        next step; "slow": every step takes 50 ms longer. Swaps the step the loop runs, so the serving path
+        carries no check for it; a later fault replaces an earlier one (it wraps the real step)."""
+        step = self.engine.step
+        if kind == "stall":
+            never = threading.Event()
+            self._step = lambda: never.wait() and []
+        elif kind == "crash":
+            def crash():
+                raise InjectedCrash("injected engine loop crash")
+            self._step = crash
+        elif kind == "slow":
+            def slow():
+                time.sleep(0.05)
+                return step()
+            self._step = slow
+        else:
+            raise ValueError(f"unknown fault {kind!r}")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -115,7 +161,7 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
         self.engine.shutdown()
 
-    def _submit(self, command: tuple) -> bool:
+    def _submit(self, command: _Add | _Abort) -> bool:
         """Queue a command for the loop thread; False once the loop has exited."""
         with self._lock:
             if self._closed:
@@ -134,7 +180,7 @@ class AsyncLLMEngine:
             self._drain_commands(outbox)
             if engine.has_unfinished():
                 try:
-                    outbox.extend((c.request_id, c) for c in engine.step())
+                    outbox.extend((c.request_id, c) for c in self._step())
                 except Exception as exc:  # outside the forward (which the engine contains): fail all
                     log.exception("engine step crashed; failing every request")
                     for rid in list(engine.requests):
@@ -153,22 +199,21 @@ class AsyncLLMEngine:
             self._closed = True
             pending, self._commands = list(self._commands), collections.deque()
         for command in pending:  # adds that raced with shutdown must not leave their caller waiting
-            if command[0] == "add":
-                self._send(command[2], [(command[3], gone)])
+            if isinstance(command, _Add):
+                self._send(command.loop, [(command.queue, gone)])
 
     def _drain_commands(self, outbox: list) -> None:
         while self._commands:
             command = self._commands.popleft()
-            if command[0] == "add":
-                _, req, loop, queue = command
+            if isinstance(command, _Add):
                 try:
-                    self.engine.add_request(req)
+                    self.engine.add_request(command.request)
                 except Exception as exc:  # EngineError for bad input: that caller only
-                    self._send(loop, [(queue, exc)])
+                    self._send(command.loop, [(command.queue, exc)])
                     continue
-                self._streams[req.request_id] = (loop, queue)
+                self._streams[command.request.request_id] = (command.loop, command.queue)
             else:
-                outbox.extend((command[1], c) for c in self.engine.abort_request(command[1]))
+                outbox.extend((command.request_id, c) for c in self.engine.abort_request(command.request_id))
 
     def _deliver(self, outbox: list[tuple[str, object]]) -> None:
         """Hand items to their callers: one thread-safe call per event loop."""

@@ -2,7 +2,7 @@
 counts, and the prefix cache (full blocks addressed by chained block hash, kept after their last user
 frees them and evicted least-recently-freed first).
 
-Hashes come only from `kvstore.hashing` so the router's index and this cache agree. Blocks stored into
+Hashes come only from `replicas.engine.hashing` so the router's index and this cache agree. Blocks stored into
 and evicted from the cache are recorded as hash lists that the engine hands to its hooks once per step.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from itertools import islice
 
-from kvstore.hashing import ROOT_HASH, hash_block
+from replicas.engine.hashing import ROOT_HASH, hash_block
 from replicas.engine.sequence import Sequence
 
 

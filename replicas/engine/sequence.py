@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 
-from replicas.protocol import SamplingParams
+from replicas.engine.protocol import SamplingParams
 
 _arrivals = itertools.count()
 
@@ -40,7 +40,7 @@ class Sequence:
         self.arrival = next(_arrivals) if arrival is None else arrival
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.waiting_prefill = 0  # while waiting: tokens it will compute once admitted (Scheduler.add)
-        # The block-hash extra key (model id + cache salt, kvstore.hashing.extra_key); None: the block manager's.
+        # The block-hash extra key (model id + cache salt, hashing.extra_key); None: the block manager's.
         self.hash_extra = hash_extra
         self.grammar = None  # structured output: the choice's grammar matcher (replicas.engine.grammar)
 

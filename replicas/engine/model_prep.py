@@ -9,14 +9,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from replicas.engine.config import EngineConfig
+from replicas.engine.config import EMBEDDED, EMBEDDED_MODEL, EngineConfig
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "llm_cluster_prepared.json"
 
@@ -63,22 +60,14 @@ def prepare_embedded_model(cache_dir: Path | None = None, force: bool = False) -
     return out_dir
 
 
-def served_model_id(cfg: "EngineConfig") -> str:
-    """The model id a config serves, before or after `resolve_engine_config`: the one name used on the
-    API, in block hashes (extra key) and in the prefix index, so router and replicas always agree."""
-    if cfg.model_id:
-        return cfg.model_id
-    return EMBEDDED_MODEL if cfg.model == "embedded" else cfg.served_model_id
-
-
-def resolve_engine_config(cfg: "EngineConfig") -> "EngineConfig":
+def resolve_engine_config(cfg: EngineConfig) -> EngineConfig:
     """The engine config with `model` turned into a local directory (preparing the embedded model)."""
-    if cfg.model != "embedded":
+    if cfg.model != EMBEDDED:
         if not Path(cfg.model).is_dir():
             raise FileNotFoundError(f"engine.model: {cfg.model} is not a model directory")
         return cfg
     return cfg.model_copy(update={"model": str(prepare_embedded_model()),
-                                  "model_id": served_model_id(cfg)})
+                                  "model_id": cfg.served_model_id})
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -60,13 +60,13 @@ class GenerationRequest(BaseModel):
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     priority: int = 0  # lower runs first; FCFS within a priority
-    # Prefix-cache namespace: mixed into every block hash (kvstore.hashing.extra_key), so requests of
+    # Prefix-cache namespace: mixed into every block hash (hashing.extra_key), so requests of
     # different salts (tenants) never share cached blocks, in the engine or the router's index.
     cache_salt: str | None = None
     # Failover: output tokens already delivered to the client by a previous replica. The engine
     # treats them as generated (they count toward max_tokens and penalties) and continues after them.
     resume_token_ids: list[list[int]] | None = None  # one list per choice index (n entries)
-    # Block hashes of the prompt (kvstore.hashing), computed once by the router; the engine
+    # Block hashes of the prompt (replicas.engine.hashing), computed once by the router; the engine
     # recomputes them when absent.
     block_hashes: list[int] | None = None
 

@@ -29,7 +29,7 @@ from typing import Any
 
 log = logging.getLogger("ray.serve")
 
-POLICY_PATH = "cluster.autoscaling:QueueDepthPolicy"
+POLICY_PATH = "router.autoscaling:QueueDepthPolicy"
 _DIR, _SINCE, _PEAK, _DECISIONS = "llmc_direction", "llmc_since", "llmc_peak", "llmc_decisions"
 
 
@@ -57,7 +57,7 @@ class QueueDepthPolicy:
         self.upscale_delay_s = upscale_delay_s
         self.downscale_delay_s = downscale_delay_s
         self.name = name
-        # A cluster.metrics.MetricsRecorder (tests pass one); None: created on first use, False: unavailable.
+        # A replicas.metrics.MetricsRecorder (tests pass one); None: created on first use, False: unavailable.
         self._metrics = metrics
         self._recorded: tuple[str, str, int, int] | None = None
 
@@ -123,7 +123,6 @@ class QueueDepthPolicy:
                  self.desired(f), lo, hi, delay)
         return decision, state
 
-
     # ------------------------------------------------------------------ metrics
 
     def _record(self, application: str, deployment: str, desired: int, actual: int) -> None:
@@ -145,7 +144,7 @@ def _recorder():
         import ray
         if not ray.is_initialized():
             return False
-        from cluster.metrics import MetricsRecorder  # here, not at module level: Serve pickles this module
+        from replicas.metrics import MetricsRecorder  # here, not at module level: Serve pickles this module
         return MetricsRecorder(("llmc_autoscaling_desired_replicas", "llmc_autoscaling_actual_replicas"))
     except Exception as e:  # noqa: BLE001 - no metrics rather than no autoscaling
         log.warning("autoscaling metrics unavailable: %r", e)
@@ -156,15 +155,3 @@ def _clear(state: dict[str, Any]) -> dict[str, Any]:
     for k in (_DIR, _SINCE, _PEAK):
         state.pop(k, None)
     return state
-
-
-def policy_config(cfg) -> dict[str, Any]:
-    """The `policy` entry of the LLMReplica deployment's autoscaling_config (dict form: also valid in a
-    KubeRay serveConfigV2). Serve's own up/downscale delays must be 0 alongside it (cluster.app)."""
-    a = cfg.autoscaling
-    return {"policy_function": POLICY_PATH, "policy_kwargs": dict(
-        max_num_seqs=cfg.engine.max_num_seqs,
-        target_waiting_per_replica=a.target_waiting_per_replica,
-        target_prefill_tokens_per_replica=a.target_prefill_tokens_per_replica,
-        target_running_fraction=a.target_running_fraction,
-        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)}
