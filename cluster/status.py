@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cluster.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT
+from replicas.protocol import ReplicaStats
 from router.replica_choice import RedisRoutingStats
 
 
@@ -133,7 +134,7 @@ def _app_details(app_name: str) -> dict[str, Any]:
     return (details.get("applications") or {}).get(app_name) or {}
 
 
-def _replica_stats(app_name: str, timeout_s: float) -> tuple[list[dict], list[str]]:
+def _replica_stats(app_name: str, timeout_s: float) -> tuple[list[ReplicaStats], list[str]]:
     from ray import serve
 
     try:
@@ -141,13 +142,13 @@ def _replica_stats(app_name: str, timeout_s: float) -> tuple[list[dict], list[st
         results = handle.broadcast("stats").results(timeout_s=timeout_s, return_exceptions=True)
     except Exception as e:
         return [], [f"{type(e).__name__}: {e}"]
-    stats = [r for r in results if isinstance(r, dict)]
-    errors = [f"{type(r).__name__}: {r}" for r in results if not isinstance(r, dict)]
+    stats = [r for r in results if isinstance(r, ReplicaStats)]
+    errors = [f"{type(r).__name__}: {r}" for r in results if not isinstance(r, ReplicaStats)]
     return stats, errors
 
 
-def _merge_replicas(details: list[dict], stats: list[dict], errors: list[str]) -> list[dict]:
-    by_id = {s.get("replica_id"): s for s in stats}
+def _merge_replicas(details: list[dict], stats: list[ReplicaStats], errors: list[str]) -> list[dict]:
+    by_id = {s.replica_id: s for s in stats}
     rows = []
     for d in details:
         rid = d.get("replica_id")
@@ -157,8 +158,8 @@ def _merge_replicas(details: list[dict], stats: list[dict], errors: list[str]) -
         row.update(_health(row["state"], s))
         rows.append(row)
     for rid, s in by_id.items():  # no controller details: stats alone
-        row = {"replica_id": rid, "state": "RUNNING", "node_id": s.get("node_id"), "node_ip": None,
-               "pid": s.get("pid"), "actor_name": None}
+        row = {"replica_id": rid, "state": "RUNNING", "node_id": s.node_id, "node_ip": None,
+               "pid": s.pid, "actor_name": None}
         row.update(_health("RUNNING", s))
         rows.append(row)
     # Errors cannot be tied to a replica (the broadcast does not say which one failed): attach them
@@ -169,16 +170,17 @@ def _merge_replicas(details: list[dict], stats: list[dict], errors: list[str]) -
     return sorted(rows, key=lambda r: str(r["replica_id"]))
 
 
-def _health(state: str, stats: dict | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"stats": stats, "error": None, "hit_rate": None}
+def _health(state: str, stats: ReplicaStats | None) -> dict[str, Any]:
+    # The report is JSON (`status --json`): the record becomes its dict here.
+    out: dict[str, Any] = {"stats": None if stats is None else stats.model_dump(), "error": None, "hit_rate": None}
     if stats is not None:
-        q = stats.get("prefix_query_tokens") or 0
-        out["hit_rate"] = (stats.get("prefix_hit_tokens") or 0) / q if q else None
+        q = stats.prefix_query_tokens
+        out["hit_rate"] = stats.prefix_hit_tokens / q if q else None
     if state != "RUNNING":
         out["health"] = state.lower()
     elif stats is None:
         out["health"] = "no-stats"
-    elif stats.get("draining"):
+    elif stats.draining:
         out["health"] = "draining"
     else:
         out["health"] = "healthy"
@@ -213,7 +215,7 @@ def _redis_url_from_app(details: dict, app_name: str, timeout_s: float) -> str |
         from ray import serve
         info = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name).model_info.remote().result(
             timeout_s=timeout_s)
-        return info.get("redis_url")
+        return info.redis_url
     return None
 
 

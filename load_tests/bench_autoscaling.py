@@ -225,7 +225,7 @@ def replica_ids(base: str, n: int = 24) -> set[str]:
     ids = set()
     for _ in range(n):
         try:
-            ids.add(h.model_info.remote().result(timeout_s=10)["replica_id"])
+            ids.add(h.model_info.remote().result(timeout_s=10).replica_id)
         except Exception:  # noqa: BLE001 - a replica dying under the call: ask again
             pass
     return ids

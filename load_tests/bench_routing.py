@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from replicas.protocol import ReplicaStats
+
 APP = "llm-cluster"
 POLICIES = ("round_robin", "pow2", "prefix", "ray_prefix")
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -88,7 +90,7 @@ def wait_ready(base: str, handle, replicas: int, timeout_s: float = 300) -> None
 
 def replica_stats(handle, timeout_s: float = 20) -> dict[str, dict]:
     results = handle.broadcast("stats").results(timeout_s=timeout_s, return_exceptions=True)
-    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+    return {s.replica_id: s.model_dump() for s in results if isinstance(s, ReplicaStats)}
 
 
 def ray_metrics(port: int, name: str = "llmc_routing_decisions_total", label: str = "outcome",

@@ -22,6 +22,7 @@ from replicas.config import ReplicaConfig
 from replicas.engine.model_prep import resolve_engine_config
 from replicas.engine.protocol import EngineError, GenerationChunk, GenerationRequest
 from replicas.metrics import ReplicaMetrics
+from replicas.protocol import AutoscalingStats, ReplicaInfo, ReplicaStats, RoutingStats
 
 log = logging.getLogger("ray.serve")
 
@@ -96,17 +97,16 @@ class LLMReplica:
         pause = self._inflight / budget if budget else 0.0
         return pause if pause >= MIN_STREAM_PAUSE_S else 0.0
 
-    async def model_info(self) -> dict:
+    async def model_info(self) -> ReplicaInfo:
         e = self.engine
-        return {"model_id": e.model_id, "max_model_len": e.max_model_len, "block_size": e.block_size,
-                "model_path": self.engine_config.model, "replica_id": self.replica_id,
-                "redis_url": self.config.redis_url}  # for `llm-cluster status` (internal handle calls only)
+        return ReplicaInfo(model_id=e.model_id, max_model_len=e.max_model_len, block_size=e.block_size,
+                           model_path=self.engine_config.model, replica_id=self.replica_id,
+                           redis_url=self.config.redis_url)  # for `llm-cluster status` (internal handle calls only)
 
-    async def stats(self) -> dict:
-        s = self.engine.stats().model_dump()
-        s.update(replica_id=self.replica_id, node_id=_node_id(), pid=os.getpid(),
-                 tp_size=self.engine_config.tp_size, draining=self._draining, torch_threads=_torch_threads())
-        return s
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(**self.engine.stats().model_dump(), replica_id=self.replica_id, node_id=_node_id(),
+                            pid=os.getpid(), tp_size=self.engine_config.tp_size, draining=self._draining,
+                            torch_threads=_torch_threads())
 
     # ------------------------------------------------------------------ Serve hooks
 
@@ -117,17 +117,21 @@ class LLMReplica:
         s = self.engine.stats()
         return s, max(s.num_waiting, self._inflight - s.num_running)
 
-    def record_routing_stats(self) -> dict:
+    def routing_stats(self) -> RoutingStats:
         s, waiting = self._queue()
         # Coarse values only: Serve re-broadcasts stats whenever they change.
-        return {"waiting": waiting, "running": s.num_running,
-                "pending_prefill_tokens": s.pending_prefill_tokens,
-                "kv_usage": round(s.kv_usage, 2), "epoch": self.epoch}
+        return RoutingStats(waiting=waiting, running=s.num_running, pending_prefill_tokens=s.pending_prefill_tokens,
+                            kv_usage=round(s.kv_usage, 2), epoch=self.epoch)
+
+    def autoscaling_stats(self) -> AutoscalingStats:
+        s, waiting = self._queue()
+        return AutoscalingStats(waiting=waiting, running=s.num_running, pending_prefill_tokens=s.pending_prefill_tokens)
+
+    def record_routing_stats(self) -> dict:
+        return self.routing_stats().to_serve()  # Serve's hook: a dict
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        s, waiting = self._queue()
-        return {"waiting": float(waiting), "running": float(s.num_running),
-                "pending_prefill_tokens": float(s.pending_prefill_tokens)}
+        return self.autoscaling_stats().to_serve()  # Serve's hook: a dict
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s. A broken replica exits its process at once
@@ -313,6 +317,8 @@ def _replica_unique_id() -> str:
 
 
 def _node_id() -> str | None:
+    if not ray.is_initialized():  # outside Ray (unit tests): asking would start a local Ray instance
+        return None
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:

@@ -23,6 +23,7 @@ import ray
 from ray import serve
 
 from replicas.engine.protocol import GenerationRequest, SamplingParams
+from replicas.protocol import ReplicaInfo
 from router.admission import Admission, Ticket
 from router.auth import ApiKeys
 from router.config import IngressConfig
@@ -38,7 +39,7 @@ from router.structured import response_format_output
 from router.tools import template_messages, tool_mode
 from router.responses import (KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter,
                               broken_stream_end)
-from router.tokenization import ModelInfo, PromptPreparer
+from router.tokenization import PromptPreparer
 
 log = logging.getLogger("llm_cluster.router")
 
@@ -67,7 +68,7 @@ class OpenAIRouter:
 
     # ------------------------------------------------------------------ model
 
-    async def _model_info(self, timeout: float) -> dict:
+    async def _model_info(self, timeout: float) -> ReplicaInfo:
         response = self.replicas.model_info.remote()
         try:
             return await asyncio.wait_for(_awaited(response), timeout)
@@ -84,7 +85,7 @@ class OpenAIRouter:
     def _preparer(self) -> PromptPreparer | None:
         return self._preparer_load.value
 
-    async def preparer(self, info: dict | None = None) -> PromptPreparer:
+    async def preparer(self, info: ReplicaInfo | None = None) -> PromptPreparer:
         """Tokenizer and model limits, from the first replica that answers; loaded once (`SharedLoad`:
         a probe that gives up neither cancels the load nor breaks it for later callers)."""
         try:
@@ -97,10 +98,10 @@ class OpenAIRouter:
         """Load the tokenizer now, before the first request (which would otherwise pay for it)."""
         self._preload_task = self._preparer_load.start_in_background()
 
-    async def _load_preparer(self, info: dict | None) -> PromptPreparer:
+    async def _load_preparer(self, info: ReplicaInfo | None) -> PromptPreparer:
         # Long enough for a cold start from zero replicas; /ready answers fast on its own timeout.
         info = info or await self._model_info(MODEL_INFO_TIMEOUT_S)
-        preparer = await asyncio.to_thread(PromptPreparer, ModelInfo.from_replica(info))
+        preparer = await asyncio.to_thread(PromptPreparer, info)
         log.info("serving model %s (context %d, block size %d)", preparer.info.model_id,
                  preparer.info.max_model_len, preparer.info.block_size)
         return preparer
@@ -197,7 +198,7 @@ class OpenAIRouter:
     async def ready(self) -> JSONResponse:
         info = await self._model_info(READY_TIMEOUT_S)
         await self.preparer(info)
-        return JSONResponse({"status": "ready", "model": info.get("model_id")})
+        return JSONResponse({"status": "ready", "model": info.model_id})
 
     # ------------------------------------------------------------------ serving one request
 

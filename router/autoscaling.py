@@ -31,6 +31,9 @@ log = logging.getLogger("ray.serve")
 
 POLICY_PATH = "router.autoscaling:QueueDepthPolicy"
 _DIR, _SINCE, _PEAK, _DECISIONS = "llmc_direction", "llmc_since", "llmc_peak", "llmc_decisions"
+# Serve's per-key series of the replicas' AutoscalingStats (replicas.protocol.AUTOSCALING_KEYS; spelled out here,
+# as this module is pickled by value).
+STATS_KEYS = ("waiting", "running", "pending_prefill_tokens")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class QueueDepthPolicy:
         raw = ctx.raw_metrics or {}
         sums = {}
         reporting = set()
-        for key in ("waiting", "running", "pending_prefill_tokens"):
+        for key in STATS_KEYS:
             total = 0.0
             for replica, series in (raw.get(key) or {}).items():
                 if series:

@@ -53,12 +53,14 @@ from kvstore.index import PrefixIndex, RedisPrefixIndex
 from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.protocol import GenerationRequest
 from replicas.metrics import BREAKER_STATES, MetricsRecorder
+from replicas.protocol import RoutingStats
 from router.config import RoutingKnobs
 from router.recent_routes import RecentRoutes
 
 log = logging.getLogger("ray.serve")
 
 STATS_PERIOD_S = 0.5  # replicas' record_routing_stats period
+_NO_STATS = RoutingStats()
 METRICS = ("llmc_routing_decisions_total", "llmc_router_prefix_query_tokens_total",
            "llmc_router_prefix_hit_tokens_total", "llmc_router_index_lookup_seconds",
            "llmc_router_index_lookup_failures_total", "llmc_redis_fallbacks_total", "llmc_router_redis_breaker_state")
@@ -193,7 +195,7 @@ class ReplicaChooser:
 
     # ---------------------------------------------------------------- the decision
 
-    async def choose(self, replica_ids: Sequence[str], stats: Sequence[Mapping[str, Any] | None],
+    async def choose(self, replica_ids: Sequence[str], stats: Sequence[RoutingStats | None],
                      req: GenerationRequest | None = None, request_id: str | None = None) -> list[int]:
         """Candidate indices, best first. With `request_id` the best one is recorded as this
         request's assignment until `completed(request_id)` (or `moved`)."""
@@ -251,21 +253,21 @@ class ReplicaChooser:
             i, j = j, i
         return [i, j, *(k for k in range(len(work)) if k != i and k != j)]
 
-    def _loads(self, ids: Sequence[str], stats: Sequence[Mapping[str, Any] | None]) -> tuple[list[float], list[float]]:
+    def _loads(self, ids: Sequence[str], stats: Sequence[RoutingStats | None]) -> tuple[list[float], list[float]]:
         """(requests, queued work in tokens) per candidate."""
         cost = self.params.request_cost_tokens
         others = self.params.routers - 1
         reqs, work = [], []
         for rid, s in zip(ids, stats):
-            s = s or {}  # {} while a new replica has not reported yet
+            s = s or _NO_STATS  # a new replica that has not reported yet
             # max, not sum: once the stats catch up they include this chooser's own requests.
-            r = max(s.get("waiting", 0) + s.get("running", 0), self._inflight.get(rid, 0))
+            r = max(s.waiting + s.running, self._inflight.get(rid, 0))
             fresh_tokens = self._fresh_tokens.get(rid, 0)
             if others:  # the other routers' decisions the stats do not show yet, estimated from ours
                 r += others * self._fresh_reqs.get(rid, 0)
                 fresh_tokens *= self.params.routers
             reqs.append(r)
-            work.append(max(s.get("pending_prefill_tokens", 0), fresh_tokens) + cost * r)
+            work.append(max(s.pending_prefill_tokens, fresh_tokens) + cost * r)
         return reqs, work
 
     async def _lookup(self, hashes: Sequence[int], replica_ids: Sequence[str]) -> dict[str, int] | None:
@@ -389,7 +391,7 @@ class ReplicaChooser:
     def inflight(self, rid: str) -> int:
         return self._inflight.get(rid, 0)
 
-    def update(self, stats: Mapping[str, Mapping[str, Any] | None]) -> None:
+    def update(self, stats: Mapping[str, RoutingStats | None]) -> None:
         """The replicas now routable, with their routing stats (Serve broadcasts them when they change).
         A replica's new stats include what this chooser sent it before: stop counting that prefill as
         its own. Replicas that are gone lose their counters and their recent decisions."""

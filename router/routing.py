@@ -17,6 +17,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from replicas.engine.protocol import GenerationRequest
+from replicas.protocol import RoutingStats
 from router.replica_choice import ReplicaChooser, RoutingParams
 
 
@@ -39,7 +40,7 @@ class KVAwareRouter(RequestRouter):
                 pending_request.future.add_done_callback(
                     lambda f: self.chooser.completed(iid) if f.cancelled() else None)
         order = await self.chooser.choose([r.replica_id.unique_id for r in cands],
-                                          [r.routing_stats for r in cands], req, iid)
+                                          [RoutingStats.from_serve(r.routing_stats) for r in cands], req, iid)
         return [[cands[order[0]]], [cands[i] for i in order[1:]]] if len(order) > 1 else [[cands[order[0]]]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
@@ -50,7 +51,7 @@ class KVAwareRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self.chooser.update({r.replica_id.unique_id: r.routing_stats for r in replicas})
+        self.chooser.update({r.replica_id.unique_id: RoutingStats.from_serve(r.routing_stats) for r in replicas})
 
 
 def _generation_request(pr: PendingRequest | None) -> GenerationRequest | None:

@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from replicas.engine.hashing import block_hashes, extra_key
+from replicas.protocol import ReplicaInfo
 from router.errors import bad_request
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the router needs to know about the served model (from a replica's `model_info()`)."""
-    model_id: str
-    max_model_len: int
-    block_size: int
-    model_path: str
-
-    @classmethod
-    def from_replica(cls, info: dict) -> "ModelInfo":
-        return cls(model_id=info["model_id"], max_model_len=int(info["max_model_len"]),
-                   block_size=int(info["block_size"]), model_path=str(info["model_path"]))
-
-
 class PromptPreparer:
-    def __init__(self, info: ModelInfo):
+    def __init__(self, info: ReplicaInfo):
+        """`info`: a replica's `model_info()`, what the router needs to know about the served model."""
         from transformers import AutoTokenizer
 
         self.info = info

@@ -87,7 +87,7 @@ async def test_downscale_drains_in_flight_streams(ray_cluster, tiny_model_dir):
         results = await asyncio.wait_for(asyncio.gather(*streams), 60)
         assert [len(t) for t in results] == [60] * 6  # none cut short, none failed
 
-        remaining = (await h.model_info.remote())["replica_id"]
+        remaining = (await h.model_info.remote()).replica_id
         (stopped,) = both - {remaining}
         logs = ray._private.worker._global_node.get_logs_dir_path()
         log = open(os.path.join(logs, "serve", f"replica_{app}_{REPLICA}_{stopped}.log")).read()

@@ -147,3 +147,10 @@ def test_policy_config_builds_a_serve_autoscaling_config():
     out = autoscaling_config(cfg)
     # Delays live in the policy; Serve's must not hold its decisions back again.
     assert out["policy"] == pc and out["upscale_delay_s"] == 0 and out["downscale_delay_s"] == 0
+
+
+def test_policy_reads_the_fields_replicas_report():
+    from replicas.protocol import AUTOSCALING_KEYS
+    from router.autoscaling import STATS_KEYS
+
+    assert STATS_KEYS == AUTOSCALING_KEYS

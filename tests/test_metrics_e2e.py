@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
 from cluster.config import load_config
+from replicas.protocol import ReplicaStats
 from tests.fixtures.ray_cluster import _wait_ready, free_port
 
 pytestmark = [pytest.mark.ray]
@@ -52,7 +53,7 @@ def cluster(ray_cluster, tiny_model_dir):
 
 def replica_ids(handle) -> set[str]:
     results = handle.broadcast("stats").results(timeout_s=10, return_exceptions=True)
-    return {s["replica_id"] for s in results if isinstance(s, dict)}
+    return {s.replica_id for s in results if isinstance(s, ReplicaStats)}
 
 
 def samples(text: str) -> list[tuple[str, dict, float]]:

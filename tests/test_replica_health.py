@@ -168,7 +168,7 @@ def test_replica_applies_its_torch_threads(tiny_model_dir, monkeypatch):
                                  "engine.num_kv_blocks": 16, "engine.block_size": 4, "replicas.torch_threads": 1})
     r = LLMReplica(cfg.replica_config())
     try:
-        assert torch.get_num_threads() == 1 and asyncio.run(r.stats())["torch_threads"] == 1
+        assert torch.get_num_threads() == 1 and asyncio.run(r.stats()).torch_threads == 1
     finally:
         r.engine.shutdown(timeout=0.5)
         torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from replicas.engine.config import EMBEDDED_MODEL
 from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
 from replicas.engine.protocol import GenerationRequest
+from replicas.protocol import RoutingStats
 from router.recent_routes import RecentRoutes
 from router.replica_choice import METRICS, RoutingParams, router_counters
 from cluster.app import request_router_config
@@ -307,14 +308,14 @@ async def test_a_replica_that_left_is_forgotten_by_the_record():
     a, b, c = FakeReplica("a"), FakeReplica("b", running=3), FakeReplica("c", running=3)
     router = make_router(index=index)
     ch = router.chooser
-    ch.update({x.replica_id.unique_id: x.routing_stats for x in (a, b, c)})
+    ch.update({x.replica_id.unique_id: RoutingStats.from_serve(x.routing_stats) for x in (a, b, c)})
     prompt = list(range(300, 340))
     assert (await choose(router, [a, b, c], pending(prompt)))[0] == "a"  # by load
     assert (await choose(router, [a, b, c], pending(prompt + [1])))[0] == "a"
     assert ch.outcomes == {"index_fallback": 1, "local_fallback": 1} and len(ch._recent) == 10  # noqa: SLF001
-    ch.update({"b": b.routing_stats, "c": c.routing_stats})  # a is gone
+    ch.update({"b": RoutingStats.from_serve(b.routing_stats), "c": RoutingStats.from_serve(c.routing_stats)})  # a is gone
     assert len(ch._recent) == 0  # noqa: SLF001
-    ch.update({x.replica_id.unique_id: x.routing_stats for x in (a, b, c)})
+    ch.update({x.replica_id.unique_id: RoutingStats.from_serve(x.routing_stats) for x in (a, b, c)})
     a.routing_stats = dict(running=2)
     b.routing_stats = c.routing_stats = dict(running=2)
     await choose(router, [a, b, c], pending(prompt + [2]))
@@ -471,18 +472,18 @@ async def test_own_prefill_counts_until_the_replica_stats_refresh():
     replicas = {x: FakeReplica(x, **stats) for x in "ab"}
     router = make_router(index_lag_s=0)  # one prompt again and again: only the load accounting tells them apart
     c = router.chooser
-    c.update({x: r.routing_stats for x, r in replicas.items()})
+    c.update({x: RoutingStats.from_serve(r.routing_stats) for x, r in replicas.items()})
     first, _ = await choose(router, list(replicas.values()), pending(PROMPT), complete=False)
     other = "b" if first == "a" else "a"
     # Both report one running request; only the prefill just sent to `first` tells them apart.
     for _ in range(10):
         assert (await choose(router, list(replicas.values()), pending(PROMPT)))[0] == other
     replicas[first].routing_stats = {"waiting": 0, "running": 1, "pending_prefill_tokens": 0, "kv_usage": 0.1}
-    c.update({x: r.routing_stats for x, r in replicas.items()})  # its stats now include that request
+    c.update({x: RoutingStats.from_serve(r.routing_stats) for x, r in replicas.items()})  # its stats now include that request
     wins = collections.Counter([(await choose(router, list(replicas.values()), pending(PROMPT)))[0]
                                 for _ in range(100)])
     assert wins[first] > 20, wins
-    c.update({other: replicas[other].routing_stats})  # `first` is gone
+    c.update({other: RoutingStats.from_serve(replicas[other].routing_stats)})  # `first` is gone
     assert c.inflight(first) == 0
 
 

@@ -21,6 +21,7 @@ from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
 from cluster.config import load_config
 from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.protocol import GenerationRequest, SamplingParams
+from replicas.protocol import ReplicaStats
 from router.replica_choice import router_counters
 from tests.fixtures.ray_cluster import _wait_ready
 
@@ -60,7 +61,7 @@ def cluster(ray_cluster, redis_server, tiny_model_dir):
 
 def replica_stats(handle) -> dict[str, dict]:
     results = handle.broadcast("stats").results(timeout_s=10, return_exceptions=True)
-    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+    return {s.replica_id: s.model_dump() for s in results if isinstance(s, ReplicaStats)}
 
 
 def tokens(rng: random.Random, n: int) -> list[int]:

@@ -56,7 +56,7 @@ def _occupy(http: httpx.Client, base: str, max_tokens: int):
 def _wait_stats(replica, ok, timeout_s: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        s = replica.stats.remote().result()
+        s = replica.stats.remote().result().model_dump()
         if ok(s) or time.monotonic() > deadline:
             return s
         time.sleep(0.05)
@@ -112,7 +112,7 @@ def test_client_leaving_during_keepalives_frees_the_queued_request(served):
                     if sum(x.startswith(":") for x in seen) >= 2:
                         break
                 assert not any(x.startswith("data: ") for x in seen)
-                assert replica.stats.remote().result()["num_waiting"] == 1
+                assert replica.stats.remote().result().num_waiting == 1
             # Gone: the queued request leaves the replica while the first still runs.
             s = _wait_stats(replica, lambda s: s["num_waiting"] == 0)
             assert s["num_waiting"] == 0 and s["num_running"] == 1, s

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.status import check_redis, collect_status, redact_url, render_table, summarize_redis_routing
+from replicas.protocol import ReplicaInfo, ReplicaStats
 from tests.fixtures.ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,10 +140,12 @@ class FakeLLMReplica:
         if self.fail:
             raise RuntimeError("engine wedged")
         import ray
-        return _stats(self.rid, tp_size=1, node_id=ray.get_runtime_context().get_node_id())
+        return ReplicaStats(**_stats(self.rid, tp_size=1, node_id=ray.get_runtime_context().get_node_id()),
+                            computed_tokens=0, steps=0, last_step_unix=None, pid=os.getpid(), torch_threads=1)
 
     async def model_info(self):
-        return {"model_id": "fake", "replica_id": self.rid, "redis_url": self.redis_url}
+        return ReplicaInfo(model_id="fake", max_model_len=128, block_size=16, model_path="/fake",
+                           replica_id=self.rid, redis_url=self.redis_url)
 
 
 class Ingress:

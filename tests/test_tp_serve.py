@@ -19,6 +19,7 @@ import pytest
 
 from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
 from cluster.config import load_config
+from replicas.protocol import ReplicaStats
 from replicas.tp_worker import TP_NAMESPACE
 from tests.engine_utils import greedy, make_engine, request, run_all, text_of
 from tests.fixtures.ray_cluster import _wait_ready
@@ -53,7 +54,7 @@ def tp_app(ray_cluster, tiny_model_dir):
 
 def replica_stats(handle) -> dict[str, dict]:
     results = handle.broadcast("stats").results(timeout_s=10, return_exceptions=True)
-    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+    return {s.replica_id: s.model_dump() for s in results if isinstance(s, ReplicaStats)}
 
 
 def named_actors() -> tuple[set[str], set[str]]:

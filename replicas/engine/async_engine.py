@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from replicas.engine.config import EngineConfig
-from replicas.engine.engine import EngineStats, LLMEngine
-from replicas.engine.protocol import GenerationChunk, GenerationRequest
+from replicas.engine.engine import LLMEngine
+from replicas.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
 

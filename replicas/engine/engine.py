@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel
 from transformers import AutoTokenizer
 
 from replicas.engine.hashing import extra_key
@@ -30,27 +29,12 @@ from replicas.engine.parallel import ProcessWorkers, TPWorkers
 from replicas.engine.sampler import Sampler, SamplingBatch
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence
-from replicas.engine.protocol import (EngineError, GenerationChunk, GenerationRequest, SamplingParams,
+from replicas.engine.protocol import (EngineError, EngineStats, GenerationChunk, GenerationRequest, SamplingParams,
                                       StructuredOutput, TokenLogprob, Usage)
 
 log = logging.getLogger(__name__)
 
 BlockHook = Callable[[list[int]], None]
-
-
-class EngineStats(BaseModel):
-    num_waiting: int
-    num_running: int
-    pending_prefill_tokens: int
-    kv_blocks_total: int
-    kv_blocks_free: int  # includes cached blocks no sequence uses (evictable)
-    kv_usage: float
-    prefix_query_tokens: int
-    prefix_hit_tokens: int
-    num_preemptions: int
-    computed_tokens: int  # tokens run through the model (prefill + decode), prefix hits excluded
-    steps: int
-    last_step_unix: float | None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The contract between router and replica: what a generation request carries and what streams back.
+"""The engine's typed records: what a generation request carries, what streams back, and the engine's stats. The
+router and the replica speak them too (a request crosses from ingress to replica unchanged).
 
 Plain pydantic models so they cross Ray process boundaries unchanged.
 """
@@ -106,6 +107,22 @@ class GenerationChunk(BaseModel):
     usage: Usage | None = None
     # Set by LLMReplica on the first chunk of each attempt only: which replica serves it (x-replica-id).
     replica_id: str | None = None
+
+
+class EngineStats(BaseModel):
+    """A snapshot of one engine: queues, KV pool, prefix cache and step counters (cumulative totals)."""
+    num_waiting: int
+    num_running: int
+    pending_prefill_tokens: int
+    kv_blocks_total: int
+    kv_blocks_free: int  # includes cached blocks no sequence uses (evictable)
+    kv_usage: float
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+    computed_tokens: int  # tokens run through the model (prefill + decode), prefix hits excluded
+    steps: int
+    last_step_unix: float | None
 
 
 class EngineError(Exception):
