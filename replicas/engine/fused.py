@@ -6,10 +6,11 @@ decode step and the host time of eager steps."""
 from __future__ import annotations
 
 import functools
-import os
+
+from replicas.engine.envs import SWITCHES
 
 # LLMC_NO_FUSION=1 runs the plain functions on GPU too (debugging, A/B timing).
-_ENABLED = os.environ.get("LLMC_NO_FUSION", "") in ("", "0")
+_ENABLED = not SWITCHES.no_fusion
 
 
 def fused(kernel_name: str):

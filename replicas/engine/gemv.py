@@ -3,26 +3,25 @@ rows (decode batches), 2-D, contiguous last dims, float weights, or int8 / FP8 w
 `MAX_M_QUANT` rows. Everything else (CPU, prefill, mixed steps) keeps F.linear (or `quant.ops.linear`) and the
 separate norm / SiLU-mul stages, which stay the reference.
 
-LLMC_GEMV=0 turns the path off (A/B timing, debugging); LLMC_GEMV_MAX_M (LLMC_GEMV_MAX_M_QUANT for quantised
-weights) sets the largest row count it takes.
-LLMC_NO_FUSION=1 turns it off too (it is a fusion).
+Switches (`envs`): LLMC_GEMV=0 or LLMC_NO_FUSION=1 turn the path off, LLMC_GEMV_MAX_M (LLMC_GEMV_MAX_M_QUANT for
+quantised weights) sets the largest row count it takes, LLMC_GEMV_LM_HEAD=0 keeps the LM head on cuBLAS.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
-ENABLED = os.environ.get("LLMC_GEMV", "1") not in ("", "0") and os.environ.get("LLMC_NO_FUSION", "") in ("", "0")
+from replicas.engine.envs import SWITCHES
+
+ENABLED = SWITCHES.gemv and not SWITCHES.no_fusion
 # One row by default: at 4 and 8 rows the tl.dot path with its fused stages is slower per layer than cuBLAS +
 # the separate kernels, at one row faster (bench_gemv's "layer" sweep, docs/bench-gpu/h100-gemv-sweep2.json).
-MAX_M = int(os.environ.get("LLMC_GEMV_MAX_M", "1"))
+MAX_M = SWITCHES.gemv_max_m
 # Quantised (int8 / FP8) weights: up to this many rows, where reading 1-byte weights in the kernel beats
 # upcasting them for cuBLAS (`replicas.engine.quant.ops`).
-MAX_M_QUANT = int(os.environ.get("LLMC_GEMV_MAX_M_QUANT", "16"))
+MAX_M_QUANT = SWITCHES.gemv_max_m_quant
 # The LM head (vocab rows): its own switch, since cuBLAS may stream a matrix this tall as well.
-LM_HEAD = os.environ.get("LLMC_GEMV_LM_HEAD", "1") not in ("", "0")
+LM_HEAD = SWITCHES.gemv_lm_head
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # with a per-row scale
 

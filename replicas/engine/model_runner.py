@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from replicas.engine.attention import AttentionMetadata
 from replicas.engine.config import EngineConfig
 from replicas.engine.cuda_graphs import StepGraphs
+from replicas.engine.envs import SWITCHES
 from replicas.engine.models import CausalLM, ModelArgs, TPInfo
 from replicas.engine.paged_metadata import build_step_tensors
 from replicas.engine.quant import QuantScheme, checkpoint_method_of_dir, resolve
@@ -21,8 +21,6 @@ from replicas.engine.quant import ops as qops
 from replicas.engine.sequence import Sequence
 from replicas.engine.weights import load_weights
 
-# LLMC_MIXED_GRAPHS=0: small mixed/prefill steps run eagerly (A/B timing); decode steps keep their graphs.
-_MIXED_GRAPHS = os.environ.get("LLMC_MIXED_GRAPHS", "1") != "0"
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,7 +108,7 @@ class ModelRunner:
                                      max_blocks_per_seq=-(-max_len // self.block_size), block_size=self.block_size,
                                      pad_slot=self.num_kv_blocks * self.block_size,
                                      heads_per_kv=self.heads_per_kv, num_kv_heads=attn.num_kv_heads,
-                                     device=self.device, mixed=_MIXED_GRAPHS)
+                                     device=self.device, mixed=SWITCHES.mixed_graphs)
 
     def _allocate_kv_cache(self, args: ModelArgs, tp: TPInfo) -> int:
         attn = self.model.model.layers[0].self_attn

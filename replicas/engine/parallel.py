@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from replicas.engine.config import EngineConfig
+from replicas.engine.envs import SWITCHES
 from replicas.engine.model_runner import ModelRunner, StepInputs, resolve_device_dtype
 from replicas.engine.models import ModelArgs, TPInfo
 from replicas.engine.sequence import Sequence
@@ -67,7 +68,7 @@ def join_group(config: EngineConfig, rank: int, store: dist.Store) -> tuple[TPIn
     dev, dtype = resolve_device_dtype(config)
     device = dist.new_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     fast = None
-    if dev.type == "cuda" and os.environ.get("LLMC_TP_ALLREDUCE", "symm") != "nccl":  # nccl: A/B timing
+    if dev.type == "cuda" and SWITCHES.tp_allreduce == "symm":
         from replicas.engine.allreduce import SymmAllReduce
         fast = SymmAllReduce.create(device, torch.device("cuda", torch.cuda.current_device()), dtype)
         everywhere = torch.tensor([fast is not None], dtype=torch.int32)

@@ -52,7 +52,7 @@ def test_routing_normalisation_per_family(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2-moe"])
 def test_engine_grouped_path_matches_transformers(family, tmp_path, monkeypatch):
     from load_tests.tiny_model import build_family_model
-    monkeypatch.setattr(moe, "_GROUPED", "1")
+    monkeypatch.setattr(moe, "_GROUPED", True)
     model_dir = build_family_model(tmp_path / family, family)
     engine = make_engine(model_dir, max_num_batched_tokens=16)
     prompts = random_prompts(3, engine.vocab_size, 2, 30, seed=9)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from replicas.engine.envs import SWITCHES
 
 
 @triton.jit
@@ -137,31 +139,27 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, s_p
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K), picked by load_tests/bench_gemv.py's sweeps on an H100
-# (docs/bench-gpu/h100-gemv-sweep*.json): two rows per program with the whole 4096-wide K in one
-# block keeps the most bytes in flight (and reads the norm's input once). The qkv and gate_up (SiLU: 14336 row
-# pairs) entries were picked with their norm prologue on. Anything not listed takes the default.
-DEFAULT_CONFIG = (4, 1024, 4)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (6144, 4096): (2, 4096, 8), (4096, 4096): (2, 4096, 8), (14336, 4096): (2, 4096, 8),
-    (28672, 4096): (2, 4096, 8), (4096, 14336): (2, 1024, 2), (128256, 4096): (2, 4096, 8)}
-# 2..16 rows (tl.dot, rows padded to 16): BLOCK_N >= 16.
-DEFAULT_CONFIG_DOT = (16, 512, 4)
-CONFIGS_DOT: dict[tuple[int, int], tuple[int, int, int]] = {
-    (6144, 4096): (32, 256, 4), (4096, 4096): (16, 512, 4), (14336, 4096): (32, 128, 4),
-    (28672, 4096): (32, 128, 4), (4096, 14336): (16, 512, 4)}
-# Other devices: where the device's name contains the tag, its entries replace the table's. H200 (its own
-# sweep, docs/bench-gpu/h200-s4-gemv.json): more bandwidth per SM wants more bytes in flight, so four rows per
-# program, and down with 2048-wide K blocks.
-DEVICE_CONFIGS: dict[str, dict[tuple[int, int], tuple[int, int, int]]] = {
-    "H200": {(6144, 4096): (4, 4096, 8), (4096, 4096): (4, 4096, 8), (28672, 4096): (4, 4096, 8),
-             (4096, 14336): (4, 2048, 4), (128256, 4096): (4, 4096, 8)}}
-# Last word: LLMC_GEMV_CONFIGS=file.json ({"N,K": [BLOCK_N, BLOCK_K, num_warps]}, as bench_gemv writes), or a
-# sweep's result (bench_gemv, then `one_row_table.cache_clear()`).
+# Launch configs (BLOCK_N, BLOCK_K, num_warps) by (rows computed, K): data files per device in gemv_configs/
+# (default.json: the table, with where it comes from; <TAG>.json: entries that replace the one-row table's on a
+# device whose name contains TAG). Last word: LLMC_GEMV_CONFIGS (`envs`), or a sweep's result (bench_gemv, then
+# `one_row_table.cache_clear()`).
+CONFIG_DIR = Path(__file__).with_name("gemv_configs")
+
+
+def _table(entries: dict[str, list[int]]) -> dict[tuple[int, int], tuple[int, int, int]]:
+    return {tuple(map(int, key.split(","))): tuple(v) for key, v in entries.items()}
+
+
+_DEFAULT = json.loads((CONFIG_DIR / "default.json").read_text())
+DEFAULT_CONFIG: tuple[int, int, int] = tuple(_DEFAULT["one_row_default"])
+CONFIGS = _table(_DEFAULT["one_row"])
+DEFAULT_CONFIG_DOT: tuple[int, int, int] = tuple(_DEFAULT["dot_default"])
+CONFIGS_DOT = _table(_DEFAULT["dot"])
+DEVICE_CONFIGS = {path.stem: _table(json.loads(path.read_text())["one_row"])
+                  for path in sorted(CONFIG_DIR.glob("*.json")) if path.stem != "default"}
 OVERRIDES: dict[tuple[int, int], tuple[int, int, int]] = {}
-if os.environ.get("LLMC_GEMV_CONFIGS"):
-    with open(os.environ["LLMC_GEMV_CONFIGS"]) as _f:
-        OVERRIDES.update({tuple(map(int, key.split(","))): tuple(v) for key, v in json.load(_f).items()})
+if SWITCHES.gemv_configs:
+    OVERRIDES.update(_table(json.loads(Path(SWITCHES.gemv_configs).read_text())))
 
 
 @functools.lru_cache(maxsize=None)

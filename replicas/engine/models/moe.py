@@ -11,18 +11,18 @@ grouped path sorts the (token, expert) pairs by expert and runs two grouped GEMM
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from replicas.engine import gemv
+from replicas.engine.envs import SWITCHES
 from replicas.engine.models.args import ModelArgs
 from replicas.engine.models.layers import MergedColumnParallelLinear, TPInfo, _divide, _read
 
-# LLMC_MOE_GROUPED=1 / 0 forces the grouped / reference expert path; unset: grouped on CUDA.
-_GROUPED = os.environ.get("LLMC_MOE_GROUPED", "")
+# LLMC_MOE_GROUPED (`envs`): True / False forces the grouped / reference expert path; None: grouped on CUDA.
+_GROUPED: bool | None = SWITCHES.moe_grouped
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -88,7 +88,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        grouped = _GROUPED == "1" or (_GROUPED != "0" and x.is_cuda)
+        grouped = x.is_cuda if _GROUPED is None else _GROUPED
         out = (experts_grouped if grouped and _grouped_mm is not None else experts_reference)(
             x, self.experts.w13, self.experts.w2, weights, ids, self.act)
         if self.shared_expert is not None:
