@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install serve test test-fast bench clean-venv
+.PHONY: install serve lint test test-fast bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(BIN)/llm-cluster prepare-model
 	$(BIN)/llm-cluster serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)

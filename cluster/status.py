@@ -253,7 +253,8 @@ def _enum_value(v: Any) -> Any:
 
 
 def render_table(report: dict[str, Any]) -> str:
-    lines = [f"llm-cluster status  app={report.get('app')}  {report.get('status', '')}  at {report.get('collected_at', '')}"]
+    lines = [f"llm-cluster status  app={report.get('app')}  {report.get('status', '')}  "
+             f"at {report.get('collected_at', '')}"]
     if report.get("error"):
         lines.append(f"error: {report['error']}")
         return "\n".join(lines)
@@ -286,10 +287,12 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append("")
     if a.get("enabled"):
         last = a.get("last_decision") or {}
-        lines.append(f"autoscaler: on  target={_dash(a.get('target_replicas'))} running={_dash(a.get('running_replicas'))} "
+        decided = (f"  last: {last.get('prev_num_replicas')}->{last.get('curr_num_replicas')} ({last.get('reason')})"
+                   if last else "")
+        lines.append(f"autoscaler: on  target={_dash(a.get('target_replicas'))} "
+                     f"running={_dash(a.get('running_replicas'))} "
                      f"range=[{a.get('min_replicas')}, {a.get('max_replicas')}] {a.get('scaling_status') or ''}"
-                     + (f"  last: {last.get('prev_num_replicas')}->{last.get('curr_num_replicas')} ({last.get('reason')})"
-                        if last else ""))
+                     + decided)
     else:
         lines.append(f"autoscaler: off  replicas={_dash(a.get('target_replicas'))}")
 

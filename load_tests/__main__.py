@@ -1,6 +1,7 @@
 """Command line: `python -m load_tests run|sweep|suite|soak ...` (see --help of each).
 
-    python -m load_tests run --url http://127.0.0.1:8000 --workload multiturn --requests 100 --concurrency 8 --out reports/x
+    python -m load_tests run --url http://127.0.0.1:8000 --workload multiturn --requests 100 --concurrency 8 \
+        --out reports/x
     python -m load_tests sweep --url http://127.0.0.1:8000 --workload sharegpt --concurrency 1,2,4,8 --out reports/sweep
     python -m load_tests suite --url http://127.0.0.1:8000 --out reports/suite [--steps multiturn,long_context]
     python -m load_tests suite [--out reports/<date>] [--quick] [--steps routing_policies,autoscaling]

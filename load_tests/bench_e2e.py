@@ -537,7 +537,8 @@ def _wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout_s: fl
 
 
 # Lines in the Serve log that mean the ingress or a replica event loop fell behind (issue 21's symptoms).
-LOG_SIGNS = {"queue_length_timeouts": "Failed to get queue length", "prefix_lookup_failures": "prefix index lookup failed"}
+LOG_SIGNS = {"queue_length_timeouts": "Failed to get queue length",
+             "prefix_lookup_failures": "prefix index lookup failed"}
 
 
 def run_rest_side(args, model_dir: Path, sets: list[str], prompts: dict) -> dict:

@@ -117,7 +117,8 @@ def _bench_engine(engine, load_s: float, args, prompts: list[list[int]], single:
     run([GenerationRequest(request_id=f"warm{i}", prompt_token_ids=p[:8], sampling=sp(4))
          for i, p in enumerate(prompts[:4])])
     # Single stream: the first step is the prefill, each later one decodes one token.
-    _, steps_single = run([GenerationRequest(request_id="single", prompt_token_ids=single, sampling=sp(args.single_out))])
+    _, steps_single = run([GenerationRequest(request_id="single", prompt_token_ids=single,
+                                             sampling=sp(args.single_out))])
     decode_ms = sum(steps_single[1:]) / len(steps_single[1:]) * 1000
     reqs = [GenerationRequest(request_id=f"r{i}", prompt_token_ids=p, sampling=sp(args.output_len))
             for i, p in enumerate(prompts)]
@@ -168,7 +169,7 @@ def bench_hf(model_dir: Path, args, prompts: list[list[int]], single: list[int])
         generate(prompts[i:i + args.hf_batch_size], args.output_len)
     wall = time.perf_counter() - t
     out_tokens = len(prompts) * args.output_len
-    del model
+    model = None  # the weights go before the next engine loads
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from replicas.engine.model_prep import resolve_engine_config
     from replicas.engine.config import EngineConfig
     from replicas.engine.engine import LLMEngine
+    from replicas.engine.model_prep import resolve_engine_config
 
     model = args.model
     if args.shape:

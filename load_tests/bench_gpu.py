@@ -448,8 +448,8 @@ def teacher_logits(engine, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Logits [T-1, V] (fp32, on the GPU) predicting tokens 1..T-1 of each sequence: one prefill step per
     sequence with every row sampled, through the runner (and every TP rank) as in serving."""
     from replicas.engine.model_runner import StepInputs
-    from replicas.engine.sequence import Sequence
     from replicas.engine.protocol import SamplingParams
+    from replicas.engine.sequence import Sequence
     runner, blocks, out = engine.runner, engine.block_manager, []
     for i, ids in enumerate(seqs):
         seq = Sequence(f"teacher{i}", 0, ids, SamplingParams(max_tokens=1))
@@ -628,7 +628,8 @@ def _profiles(engine, args, res, req, vocab) -> None:
     # bs-256 decode: host side (cProfile) and kernels.
     for r in [req(p, 40) for p in make_prompts(args.max_num_seqs, 512, 512, vocab, seed=11)]:
         engine.add_request(r)
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+    sch = engine.scheduler
+    while sch.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sch.running):
         engine.step()
     for _ in range(3):
         engine.step()

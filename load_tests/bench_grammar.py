@@ -175,6 +175,7 @@ def bench_libs(path: Path, batches: list[int]) -> dict:
     out: dict = {"vocab": vocab, "tokens": len(ids)}
 
     import xgrammar as xgr
+
     from replicas.engine.grammar import json_string_chars_fixed
     t = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=[tok.eos_token_id])

@@ -20,8 +20,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import RedisPrefixIndex
+from replicas.engine.hashing import block_hashes, extra_key
 
 MODEL = "bench-model"
 

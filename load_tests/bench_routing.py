@@ -178,7 +178,8 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
     after = replica_stats(handle)
     time.sleep(args.metrics_wait_s)  # one Ray metrics report interval
     decisions = _delta(ray_metrics(metrics_port), decisions_before)
-    fallbacks = _delta(ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason", 'component="router"'), fallbacks_before)
+    fallbacks = _delta(ray_metrics(metrics_port, "llmc_redis_fallbacks_total", "reason", 'component="router"'),
+                       fallbacks_before)
     lookups = lookup_latency(ray_metrics(metrics_port, LOOKUP_BUCKETS, "le"), lookups_before,
                              args.redis_timeout_ms / 1000)
     serve.delete(APP)
@@ -195,7 +196,8 @@ def run_policy(policy: str, model_dir: str, redis, base: str, metrics_port: int,
         "policy": policy, "ok": s.ok, "sent": s.sent, "failed": s.failed, "errors": s.errors,
         "duration_s": s.duration_s, "req_per_s": s.request_throughput, "out_tok_per_s": s.output_throughput,
         "hit_rate_client": s.cache_hit_rate, "hit_rate_engine": hit / sum(prompt.values()) if prompt else None,
-        "ttft_p50_ms": s.ttft_s.p50 * 1000 if s.ttft_s else None, "ttft_p99_ms": s.ttft_s.p99 * 1000 if s.ttft_s else None,
+        "ttft_p50_ms": s.ttft_s.p50 * 1000 if s.ttft_s else None,
+        "ttft_p99_ms": s.ttft_s.p99 * 1000 if s.ttft_s else None,
         "e2e_p50_ms": s.e2e_s.p50 * 1000 if s.e2e_s else None,
         "prompt_tokens_by_replica": prompt,
         "prompt_share_max_over_mean": max(prompt.values()) / mean_share if mean_share else None,
@@ -231,7 +233,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         name = r["policy"] if "round" not in r else f"{r['policy']} (round {r['round'] + 1})"
         lines.append(f"| {name} | {r['ok']}/{r['sent']} | {f(r['hit_rate_client'], '.1%')} / "
-                     f"{f(r['hit_rate_engine'], '.1%')} | {f(r['ttft_p50_ms'], '.0f')} | {f(r['ttft_p99_ms'], '.0f')} | "
+                     f"{f(r['hit_rate_engine'], '.1%')} | {f(r['ttft_p50_ms'], '.0f')} | "
+                     f"{f(r['ttft_p99_ms'], '.0f')} | "
                      f"{f(r['e2e_p50_ms'], '.0f')} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
                      f"{f(r['prompt_share_max_over_mean'], '.2f')} | {f(r['inflight_max_over_mean'], '.2f')} |")
     return "\n".join(lines)
@@ -300,8 +303,8 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from cluster.redis_server import EmbeddedRedis
     from cluster.ports import free_port
+    from cluster.redis_server import EmbeddedRedis
 
     model_dir = tempfile.mkdtemp(prefix="llmc-bench-model-")
     if args.model == "bench":
@@ -354,7 +357,8 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    md = table(results) if args.rounds == 1 else table(medians(results, policies)) + "\n\nEach round:\n\n" + table(results)
+    md = (table(results) if args.rounds == 1
+          else table(medians(results, policies)) + "\n\nEach round:\n\n" + table(results))
     from load_tests.standard import routing_targets
     rows = results if args.rounds == 1 else medians(results, policies)
     targets = routing_targets({r["policy"].split(" ")[0]: r for r in rows})

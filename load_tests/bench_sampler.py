@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from replicas.engine.sampler import Sampler, SamplingBatch, _with_logprobs
 from replicas.engine.protocol import SamplingParams
+from replicas.engine.sampler import Sampler, SamplingBatch, _with_logprobs
 
 MIXES = {
     "greedy": lambda i: SamplingParams(temperature=0),

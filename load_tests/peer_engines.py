@@ -3,9 +3,14 @@
 """Peer engines on a CUDA GPU, for side-by-side comparison with llm-cluster's engine:
 HF generate (static batch) and transformers continuous batching, with a Llama-3-8B-shaped
 bf16 model of random weights. Env: SIZE=8b|1b, CB_N=requests; writes RESULTS_DIR/peers_SIZE.json when set."""
-import os, time, json, sys, traceback
-import torch, transformers
-from transformers import LlamaConfig, LlamaForCausalLM, GenerationConfig
+import json
+import os
+import time
+import traceback
+
+import torch
+import transformers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 out = {}
 def log(k, v):

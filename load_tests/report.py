@@ -54,9 +54,10 @@ def summary_table(rows: dict[str, Summary]) -> str:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "0"
         hit = "–" if s.cache_hit_rate is None else f"{s.cache_hit_rate:.1%}"
         skew = "–" if s.max_over_mean_load is None else f"{s.max_over_mean_load:.2f}"
-        lines.append(f"| {name} | {s.ok}/{s.sent} | {errors} | {s.request_throughput:.2f} | {s.output_throughput:.1f} | "
-                     f"{s.goodput:.2f} | {_ms(p(s.ttft_s, 'p50'))} | {_ms(p(s.ttft_s, 'p99'))} | "
-                     f"{_ms(p(s.tpot_s, 'p50'))} | {_ms(p(s.itl_s, 'p99'))} | {_ms(p(s.e2e_s, 'p50'))} | {hit} | {skew} |")
+        lines.append(f"| {name} | {s.ok}/{s.sent} | {errors} | {s.request_throughput:.2f} | "
+                     f"{s.output_throughput:.1f} | {s.goodput:.2f} | {_ms(p(s.ttft_s, 'p50'))} | "
+                     f"{_ms(p(s.ttft_s, 'p99'))} | {_ms(p(s.tpot_s, 'p50'))} | {_ms(p(s.itl_s, 'p99'))} | "
+                     f"{_ms(p(s.e2e_s, 'p50'))} | {hit} | {skew} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +197,8 @@ def write_sweep_report(runs: list[RunResult], out_dir: str | Path, *, title: str
     for r in sorted(runs, key=lambda r: r.offered_load):
         sub = write_run_report(r, out / f"load_{r.offered_load:g}", title=f"{title} @ {r.offered_load:g}")
         points.append({"offered_load": r.offered_load, "arrival_kind": r.arrival_kind,
-                       "summary": r.summary.model_dump(mode="json"), "report": str(Path(sub.json_path).relative_to(out))})
+                       "summary": r.summary.model_dump(mode="json"),
+                       "report": str(Path(sub.json_path).relative_to(out))})
     plots = {"sweep_throughput": plot_sweep(runs, out / "sweep_throughput.png")} if runs else {}
     skipped = {} if runs else {"sweep_throughput": "no runs"}
     md = f"# {title}\n\n" + summary_table({f"load {r.offered_load:g}": r.summary

@@ -57,7 +57,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from load_tests.client import _content, _events
 from load_tests.workloads import _words
 
-
 # Client-visible errors the API documents (router/failover.py, router/admission.py): "<kind>:<code>".
 DOCUMENTED = {
     "http_503:no_healthy_replica": "every attempt failed before the first token (no live replica could take it)",
@@ -637,7 +636,8 @@ class _Soak:
                 return
             states = await asyncio.to_thread(_replica_states, self.app)
             stats = await asyncio.to_thread(_replica_stats, self.handle, 2.0)
-            total = lambda key: sum(s[key] for s in stats.values())  # noqa: E731
+            def total(key: str, stats: dict = stats) -> int:
+                return sum(s[key] for s in stats.values())
             self.status.append({"t_s": self.t(), "running_replicas": states.get("RUNNING", 0),
                                 "answering": len(stats), "num_running": total("num_running"),
                                 "num_waiting": total("num_waiting"),

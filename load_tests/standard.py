@@ -163,8 +163,8 @@ def _client(c: StandardConfig, base: str, model: str, **kw) -> ClientConfig:
 
 def serving_vs_transformers(c: StandardConfig, shared: _Shared) -> Step:
     def fn(_url: str | None, out: Path) -> dict:
-        from replicas.engine.model_prep import prepare_embedded_model
         from load_tests.transformers_serve import transformers_serve
+        from replicas.engine.model_prep import prepare_embedded_model
         shared.release()  # transformers serve gets the machine to itself
         out.mkdir(parents=True, exist_ok=True)
         wl = generate(ShareGPTConfig(requests=c.compare_requests, seed=c.seed, input_tokens=c.compare_input,

@@ -38,8 +38,16 @@ from tqdm import tqdm
 from load_tests.client import ClientConfig, RunResult, run_load_sync
 from load_tests.report import write_comparison_report, write_run_report, write_sweep_report
 from load_tests.sampler import StatusSource
-from load_tests.workloads import (Arrival, LengthDist, RatePhase, ShareGPTConfig, burst_phases, generate, preset,
-                                  ramp_phases)
+from load_tests.workloads import (
+    Arrival,
+    LengthDist,
+    RatePhase,
+    ShareGPTConfig,
+    burst_phases,
+    generate,
+    preset,
+    ramp_phases,
+)
 
 
 @dataclass(frozen=True)
@@ -145,10 +153,12 @@ def policy_comparison_step(launch: Callable[[str], AbstractContextManager[str]],
         if "prefix" in runs and "pow2" in runs:
             p, q = runs["prefix"].summary, runs["pow2"].summary
             result["prefix_vs_pow2"] = {
-                "hit_rate_ratio": p.cache_hit_rate / q.cache_hit_rate if p.cache_hit_rate and q.cache_hit_rate else None,
+                "hit_rate_ratio": (p.cache_hit_rate / q.cache_hit_rate
+                                   if p.cache_hit_rate and q.cache_hit_rate else None),
                 "ttft_p50_speedup": q.ttft_s.p50 / p.ttft_s.p50 if p.ttft_s and q.ttft_s else None,
                 "prefix_max_over_mean_load": p.max_over_mean_load,
-                "targets": {"hit_rate_ratio": ">= 3", "ttft_p50_speedup": ">= 2", "prefix_max_over_mean_load": "<= 1.5"},
+                "targets": {"hit_rate_ratio": ">= 3", "ttft_p50_speedup": ">= 2",
+                            "prefix_max_over_mean_load": "<= 1.5"},
             }
         return result
     return Step("policy_comparison", step)

@@ -30,7 +30,8 @@ class ReplicaSettings(_Section):
                                        "0 sends each token as it comes.")
     health_check_period_s: float = Field(2.0, gt=0)
     health_check_timeout_s: float = Field(10.0, gt=0)
-    stall_timeout_s: float = Field(30.0, gt=0, description="Unhealthy if the engine loop has work but has not ticked for this long.")
+    stall_timeout_s: float = Field(30.0, gt=0, description="Unhealthy if the engine loop has work but has not "
+                                   "ticked for this long.")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain time on downscale.")
     max_replicas_per_node: int | None = Field(None, ge=1, description="Hard cap per Ray node (tp_size 1 only: Serve "
                                               "forbids it with placement groups); unset = Serve's default soft SPREAD.")

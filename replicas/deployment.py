@@ -20,7 +20,7 @@ from kvstore.index import RedisPrefixIndex
 from kvstore.publisher import KVEventPublisher
 from replicas.config import ReplicaConfig
 from replicas.engine.model_prep import resolve_engine_config
-from replicas.engine.protocol import EngineError, GenerationChunk, GenerationRequest
+from replicas.engine.protocol import GenerationChunk, GenerationRequest
 from replicas.metrics import ReplicaMetrics
 from replicas.protocol import AutoscalingStats, ReplicaInfo, ReplicaStats, RoutingStats
 

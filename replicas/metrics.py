@@ -21,13 +21,12 @@ Who records what (all through `MetricsRecorder`; the helpers below wrap the comm
 
 Hit rates are ratios of counters, taken in PromQL (rate(hit)/rate(query)), never pre-divided: a ratio
 gauge cannot be aggregated across replicas or time windows.
-"""
+"""  # noqa: E501 - the table's rows
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 log = logging.getLogger("ray.serve")

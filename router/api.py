@@ -17,9 +17,9 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-import ray
 from ray import serve
 
 from replicas.engine.protocol import GenerationRequest, SamplingParams
@@ -31,15 +31,26 @@ from router.errors import ERROR_TYPES, APIError, bad_request, install_error_hand
 from router.failover import ResumableGeneration
 from router.metrics import CONTENT_TYPE, RouterMetrics, request_status
 from router.middleware import Gatekeeper
-from router.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                             TokenizeRequest, TokenizeResponse, UsageInfo, VersionResponse, _SamplingFields)
+from router.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    UsageInfo,
+    VersionResponse,
+    _SamplingFields,
+)
+from router.responses import KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter, broken_stream_end
 from router.shared_load import LoadCancelled, SharedLoad
 from router.structured import response_format_output
-from router.tools import template_messages, tool_mode
-from router.responses import (KEEPALIVE, ChatFormatter, CompletionFormatter, IndexedChunks, _Formatter,
-                              broken_stream_end)
 from router.tokenization import PromptPreparer
+from router.tools import template_messages, tool_mode
 
 log = logging.getLogger("llm_cluster.router")
 

@@ -20,8 +20,10 @@ class AutoscalingSettings(_Section):
     max_replicas: int = Field(4, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_waiting_per_replica: float = Field(4.0, gt=0, description="Waiting requests one replica should hold.")
-    target_prefill_tokens_per_replica: float = Field(8192, gt=0, description="Pending prefill tokens one replica should hold.")
-    target_running_fraction: float = Field(0.8, gt=0, le=1, description="Running sequences / max_num_seqs at the target.")
+    target_prefill_tokens_per_replica: float = Field(8192, gt=0,
+                                                     description="Pending prefill tokens one replica should hold.")
+    target_running_fraction: float = Field(0.8, gt=0, le=1,
+                                           description="Running sequences / max_num_seqs at the target.")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
     metrics_interval_s: float = Field(0.5, gt=0)

@@ -9,9 +9,7 @@ lenient. `None` means "default" for every optional field, since many clients sen
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal, Union
-
-from typing import Any
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError

@@ -10,10 +10,26 @@ from typing import AsyncIterator, Callable
 
 from replicas.engine.protocol import GenerationChunk, TokenLogprob
 from router.errors import APIError, internal_error, sse_error_event
-from router.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-                             ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,
-                             CompletionChunk, CompletionLogprobs, CompletionResponse, ToolCall, ToolCallDelta,
-                             ToolCallDeltaFunction, ToolCallFunction, TopLogprob, UsageInfo)
+from router.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallDeltaFunction,
+    ToolCallFunction,
+    TopLogprob,
+    UsageInfo,
+)
 from router.tools import ToolMode, call_id, may_start_call
 
 log = logging.getLogger("llm_cluster.router")

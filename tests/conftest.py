@@ -6,7 +6,8 @@ import os
 import pytest
 
 # Fixture modules owned by each area (redis server, ray cluster, ...), registered here.
-pytest_plugins = ["tests.fixtures.ray_cluster", "tests.fixtures.redis", "tests.fixtures.fake_openai", "tests.fixtures.fake_replicas"]
+pytest_plugins = ["tests.fixtures.ray_cluster", "tests.fixtures.redis", "tests.fixtures.fake_openai",
+                  "tests.fixtures.fake_replicas"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

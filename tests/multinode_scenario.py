@@ -18,11 +18,20 @@ def main(model_dir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from cluster.app import ingress_options, replica_options
-    from load_tests.bench_autoscaling import (APP, REPLICA, TEST_ENV, ClosedLoop, replica_states, running_replicas,
-                                              tiny_config, wait_for, wait_ready)
+    from cluster.ports import free_port
+    from load_tests.bench_autoscaling import (
+        APP,
+        REPLICA,
+        TEST_ENV,
+        ClosedLoop,
+        replica_states,
+        running_replicas,
+        tiny_config,
+        wait_for,
+        wait_ready,
+    )
     from replicas.deployment import LLMReplica
     from router.api import OpenAIIngress
-    from cluster.ports import free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"head": 1}, "gcs_server_port": free_port(), "include_dashboard": False,
@@ -43,7 +52,8 @@ def main(model_dir: str) -> dict:
         # The API tier stays on the head node with the proxy: this scenario loses a replica node, not the
         # node that holds the client's connection.
         ingress = {**ingress_options(cfg), "ray_actor_options": {"num_cpus": 0, "resources": {"head": 0.01}}}
-        serve.run(serve.deployment(OpenAIIngress).options(**ingress).bind(cfg.ingress_config(), replica), name=APP, route_prefix="/")
+        serve.run(serve.deployment(OpenAIIngress).options(**ingress).bind(cfg.ingress_config(), replica), name=APP,
+                  route_prefix="/")
         wait_ready(base, 120)
         wait_for(lambda: running_replicas() == 2, 120, what="2 replicas")
         out["setup_s"] = round(time.monotonic() - t_start, 1)

@@ -22,7 +22,7 @@ def emulate_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         k_scale = v_scale = 1.0
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    num_kv_heads = k_cache.shape[2]
     qpk = num_heads // num_kv_heads
     block_m, block_q = meta.block_m, meta.block_q
     out = torch.full_like(q, float("nan"))

@@ -65,7 +65,8 @@ def test_streaming_equals_non_streaming(client):
 
 
 def test_chat_and_chat_stream(client):
-    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}]
+    msgs = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 10

@@ -115,7 +115,8 @@ async def test_unknown_model_and_path_are_404(make_api):
     _, _, client = make_api()
     r = await client.post("/v1/completions", json={"model": "gpt-17", "prompt": PROMPT})
     assert_error(r, 404, "not_found_error", code="model_not_found", param="model")
-    r = await client.post("/v1/chat/completions", json={"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]})
+    r = await client.post("/v1/chat/completions",
+                          json={"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]})
     assert_error(r, 404, "not_found_error", code="model_not_found")
     assert_error(await client.get("/v1/nothing"), 404, "not_found_error")
     assert (await client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT})).status_code == 200
@@ -155,7 +156,8 @@ async def test_admission_429_with_retry_after(make_api):
 
 
 async def test_no_healthy_replica_is_503(make_api):
-    dead = [FakeReplica("a", fail_on_call=True, error=ReplicaDied), FakeReplica("b", fail_on_call=True, error=ReplicaDied)]
+    dead = [FakeReplica("a", fail_on_call=True, error=ReplicaDied),
+            FakeReplica("b", fail_on_call=True, error=ReplicaDied)]
     _, handle, client = make_api(dead, max_attempts=3)
     # Tokenizer/model info are loaded while a replica still lives.
     assert (await client.get("/ready")).status_code == 200

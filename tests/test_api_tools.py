@@ -113,7 +113,8 @@ async def test_history_with_tool_calls_and_results(make_api):
     api, handle, client = make_api(handle_kw={"max_model_len": 4096})
     history = MSGS + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
     r = await client.post("/v1/chat/completions", json={"messages": history, "tools": [WEATHER], "max_tokens": 2})
     assert r.status_code == 200, r.text

@@ -10,9 +10,19 @@ import time
 
 import pytest
 
-from load_tests.bench_autoscaling import (REPLICA, LogTail, autoscaling_config, complete, measure_replacement,
-                                          measure_scale_up, replica_states, running_replicas, scaling_decisions,
-                                          tiny_config, wait_for)
+from load_tests.bench_autoscaling import (
+    REPLICA,
+    LogTail,
+    autoscaling_config,
+    complete,
+    measure_replacement,
+    measure_scale_up,
+    replica_states,
+    running_replicas,
+    scaling_decisions,
+    tiny_config,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(150)]
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
 from load_tests.tiny_model import build_tokenizer
+from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
 
 TEXT = "Hello wörld! naïve café 東京 Привет мир 🙂🚀 emoji, \"quotes\" and  two  spaces.\n\tdone 🙂"
 

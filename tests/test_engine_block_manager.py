@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from replicas.engine.hashing import block_hashes
 from replicas.engine.block_manager import BlockManager
+from replicas.engine.hashing import block_hashes
+from replicas.engine.protocol import SamplingParams
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence, SequenceStatus
-from replicas.engine.protocol import SamplingParams
 
 BS = 4
 EXTRA = b"model\x00"

@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.detokenizer import token_texts
+from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.protocol import EngineError, SamplingParams
 from tests.engine_utils import (
-    HFReference, greedy, make_engine, random_prompts, request, run_all, text_of, tokens_of,
+    HFReference,
+    greedy,
+    make_engine,
+    random_prompts,
+    request,
+    run_all,
+    text_of,
+    tokens_of,
 )
 
 

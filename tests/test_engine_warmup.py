@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from replicas.engine.model_runner import ModelRunner
-from replicas.engine.sampler import Sampler
 from replicas.engine.protocol import SamplingParams
+from replicas.engine.sampler import Sampler
 from tests.engine_utils import greedy, make_engine, request, run_all, tokens_of
 
 

@@ -224,7 +224,7 @@ def test_serve_config_builds_our_app(filename, clean_env):
     need_gpu = sum(b.get("GPU", 0) for b in bundles)
     assert all(head[1].get("num-cpus") == "0" for head in pod_specs(doc)[:1])  # replicas stay off the head
     per_pod = []
-    for kind, _, template in pod_specs(doc)[1:]:
+    for _kind, _, template in pod_specs(doc)[1:]:
         limits = ray_container(template)["resources"]["limits"]
         pod_cpu, pod_gpu = quantity(limits["cpu"]), quantity(limits.get("nvidia.com/gpu", 0))
         fit = int(pod_cpu // need_cpu) if not need_gpu else min(int(pod_cpu // need_cpu), int(pod_gpu // need_gpu))
@@ -246,7 +246,8 @@ def test_gpu_rayservice_is_tensor_parallel_and_autoscaled(clean_env):
     rc = doc["spec"]["rayClusterConfig"]
     assert rc["enableInTreeAutoscaling"] is True
     [group] = rc["workerGroupSpecs"]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > group["minReplicas"]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert group["maxReplicas"] > group["minReplicas"]
     worker = ray_container(group["template"])
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["requests"]["nvidia.com/gpu"]
     # The model directory lies on a mounted volume.
@@ -257,7 +258,8 @@ def test_gpu_rayservice_is_tensor_parallel_and_autoscaled(clean_env):
 def test_images_match_the_dockerfile_and_ray_version():
     import ray
 
-    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-", (REPO / "Dockerfile").read_text(), re.M)
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-", (REPO / "Dockerfile").read_text(),
+                     re.M)
     assert base, "Dockerfile: ARG RAY_IMAGE=rayproject/ray:<version>-py<xy>-..."
     for filename, doc in of_kind("RayService"):
         rc = doc["spec"]["rayClusterConfig"]

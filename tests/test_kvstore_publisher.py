@@ -83,8 +83,10 @@ async def test_stored_and_evicted_events_are_reflected(index):
         await asyncio.to_thread(cache.evict, [H[15]])
         assert await eventually(lambda: held(index), 15) == 15
         # Net effect inside one batch: stored then evicted is absent, evicted then stored is present.
-        cache.store([H[15]]); cache.evict([H[15]])
-        cache.evict([H[0]]); cache.store([H[0]])
+        cache.store([H[15]])
+        cache.evict([H[15]])
+        cache.evict([H[0]])
+        cache.store([H[0]])
         await asyncio.sleep(0.15)
         assert await held(index) == 15
         assert pub.resyncs == 1 and pub.errors == 0 and pub.flushed_batches >= 2

@@ -6,8 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("replicas", "kvstore", "router", "cluster", "load_tests", "tests")

@@ -10,8 +10,16 @@ from load_tests.client import ClientConfig, LoadClient, run_load
 from load_tests.metrics import SLO, RequestResult, summarize
 from load_tests.sampler import StatusSampler
 from load_tests.target import RemoteTargetRefused, check_target, is_loopback_url
-from load_tests.workloads import (Arrival, Message, MultiTurnConfig, RequestSpec, ShareGPTConfig, Workload, LengthDist,
-                                  generate)
+from load_tests.workloads import (
+    Arrival,
+    LengthDist,
+    Message,
+    MultiTurnConfig,
+    RequestSpec,
+    ShareGPTConfig,
+    Workload,
+    generate,
+)
 
 
 def _chat(n: int, text: str = "hello there", max_tokens: int = 8, arrival: Arrival | None = None, **kw) -> Workload:
@@ -157,7 +165,8 @@ async def test_closed_loop_keeps_concurrency_in_flight(fake_openai):
     assert run.offered_load == 3 and run.arrival_kind == "closed_loop"
 
 
-@pytest.mark.parametrize("arrival", [Arrival(concurrency=4), Arrival(kind="poisson", rate=50.0)], ids=["closed", "open"])
+@pytest.mark.parametrize("arrival", [Arrival(concurrency=4), Arrival(kind="poisson", rate=50.0)],
+                         ids=["closed", "open"])
 async def test_multiturn_feeds_the_real_previous_answer(fake_openai, arrival):
     srv = fake_openai(ttft_s=0.01, itl_s=0.002)
     wl = generate(MultiTurnConfig(conversations=3, turns=3, system_prompt_tokens=20, max_tokens=5,

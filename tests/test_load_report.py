@@ -12,8 +12,15 @@ from load_tests.__main__ import main
 from load_tests.client import ClientConfig, run_load
 from load_tests.metrics import SLO
 from load_tests.report import write_comparison_report, write_run_report, write_sweep_report
-from load_tests.suite import (Step, SuiteConfig, autoscaling_step, default_steps, policy_comparison_step, run_suite,
-                              run_sweep)
+from load_tests.suite import (
+    Step,
+    SuiteConfig,
+    autoscaling_step,
+    default_steps,
+    policy_comparison_step,
+    run_suite,
+    run_sweep,
+)
 from load_tests.workloads import Arrival, LengthDist, MultiTurnConfig, RatePhase, generate
 
 

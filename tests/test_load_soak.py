@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from load_tests.soak import (DOCUMENTED, REQUIRED_ROLES, RequestRecord, SoakConfig, error_counts, plan_request,
-                             process_role, rss_flat_check)
+from load_tests.soak import (
+    DOCUMENTED,
+    REQUIRED_ROLES,
+    RequestRecord,
+    SoakConfig,
+    error_counts,
+    plan_request,
+    process_role,
+    rss_flat_check,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

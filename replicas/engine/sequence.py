@@ -17,8 +17,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    __slots__ = ("request_id", "index", "token_ids", "prompt_token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
-                 "block_hashes", "num_hashed_blocks", "status", "params", "priority", "arrival",
+    __slots__ = ("request_id", "index", "token_ids", "prompt_token_ids", "num_prompt_tokens", "num_computed_tokens",
+                 "block_table", "block_hashes", "num_hashed_blocks", "status", "params", "priority", "arrival",
                  "num_cached_tokens", "waiting_prefill", "hash_extra", "grammar")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,

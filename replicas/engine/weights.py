@@ -107,7 +107,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                         loaded.add(f"{target}:{sid}")
     expected = {f"{n}:{None}" for n, p in params.items() if not hasattr(p, "shards")}
     expected |= {f"{n}:{sid}" for n, p in params.items() for sid in getattr(p, "shards", ())}
-    for part, (fused, sid) in packed.items():
+    for fused, sid in packed.values():
         for n in params:
             if f".{fused}." in n:
                 expected.discard(f"{n}:{None}")

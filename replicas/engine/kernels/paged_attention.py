@@ -118,7 +118,8 @@ def _paged_attention_kernel(
         tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:  # partial [m | l | acc] rows of this split; a split with no visible key leaves m = -inf, l = 0
-        base = part_ptr + ((pid * tl.num_programs(1) + kvh) * NUM_SPLITS + split).to(tl.int64) * (BLOCK_M * (BLOCK_D + 2))
+        base = part_ptr + (((pid * tl.num_programs(1) + kvh) * NUM_SPLITS + split).to(tl.int64)
+                           * (BLOCK_M * (BLOCK_D + 2)))
         tl.store(base + offs_m, m_i)
         tl.store(base + BLOCK_M + offs_m, l_i)
         tl.store(base + 2 * BLOCK_M + offs_m[:, None] * BLOCK_D + offs_d[None, :], acc)

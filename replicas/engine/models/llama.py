@@ -13,8 +13,14 @@ from replicas.engine.attention import AttentionMetadata, paged_attention
 from replicas.engine.fused import fused
 from replicas.engine.models.args import ModelArgs
 from replicas.engine.models.layers import (
-    MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
-    TPInfo, VocabParallelEmbedding,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
 )
 from replicas.engine.models.moe import SparseMoE, activation
 

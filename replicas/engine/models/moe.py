@@ -11,7 +11,6 @@ grouped path sorts the (token, expert) pairs by expert and runs two grouped GEMM
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
