@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from cluster.config import ConfigError
+from replicas.engine.checkpoint import checkpoint_files
 from replicas.engine.config import EMBEDDED, EngineConfig
+from replicas.engine.models.args import check_supported
 
 
 class ModelCheckError(ConfigError):
@@ -40,7 +42,6 @@ def check_model_dir(model: str | Path) -> Path:
         raise ModelCheckError(f"engine.model: {model} is not a directory")
     cfg = _read_config(d / "config.json")
     _check_weights(d)
-    from replicas.engine.models.args import check_supported
     try:
         check_supported(cfg)
     except ValueError as e:
@@ -62,7 +63,6 @@ def _read_config(path: Path) -> dict:
 
 def _check_weights(d: Path) -> None:
     # The weight loader's own lookup: it reads safetensors only (single file or sharded with an index).
-    from replicas.engine.checkpoint import checkpoint_files
     try:
         files = checkpoint_files(d)
     except FileNotFoundError:

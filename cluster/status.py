@@ -19,7 +19,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cluster.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT
+from cluster.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT, config_from_args
 from replicas.protocol import ReplicaStats
 from router.replica_choice import RedisRoutingStats
 
@@ -206,7 +206,6 @@ def _redis_url_from_app(details: dict, app_name: str, timeout_s: float) -> str |
     args = (details.get("deployed_app_config") or {}).get("args")
     if args:
         with contextlib.suppress(Exception):
-            from cluster.app import config_from_args
             url = config_from_args(args).redis_url
             if url:
                 return url
