@@ -67,7 +67,7 @@ def main(model_dir: str) -> dict:
                     s = handle.stats.remote().result(timeout_s=10)
                 except Exception:  # noqa: BLE001 - a replica going away under the call
                     continue
-                seen[s["replica_id"]] = s["node_id"]
+                seen[s.replica_id] = s.node_id
             return seen
 
         before = placement()

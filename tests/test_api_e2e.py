@@ -142,7 +142,7 @@ def test_disconnect_mid_stream_frees_blocks(served):
     # Last test of the module: nothing after it needs the replica fast.
     replica._inject_fault.remote("slow").result()
     before = replica.stats.remote().result()
-    assert before["kv_blocks_free"] == before["kv_blocks_total"]
+    assert before.kv_blocks_free == before.kv_blocks_total
     body = {"model": "tiny", "prompt": "The quick brown fox " * 4, "max_tokens": 300, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30,
@@ -154,13 +154,13 @@ def test_disconnect_mid_stream_frees_blocks(served):
             if events >= 3:
                 break
         during = replica.stats.remote().result()
-        assert during["num_running"] == 1 and during["kv_blocks_free"] < during["kv_blocks_total"]
+        assert during.num_running == 1 and during.kv_blocks_free < during.kv_blocks_total
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         s = replica.stats.remote().result()
-        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]:
+        if s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total:
             break
         time.sleep(0.05)
-    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0, s
+    assert s.kv_blocks_free == s.kv_blocks_total and s.num_running == 0, s
     # The request was aborted, not run to its end: far fewer than 300 decode steps happened.
-    assert s["steps"] - during["steps"] < 200
+    assert s.steps - during.steps < 200
