@@ -10,7 +10,7 @@ import pytest
 
 from replicas.engine.envs import Switches, read
 
-ENGINE = Path(__file__).resolve().parents[1] / "replicas" / "engine"
+ENGINE = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "replicas" / "engine"
 
 
 def test_defaults_when_nothing_is_set():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 PACKAGES = ("replicas", "kvstore", "router", "cluster", "load_tests", "tests")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
