@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from kvstore.hashing import block_hashes, extra_key
+from replicas.engine.hashing import block_hashes, extra_key
 from tests.fixtures.fake_replicas import expected_text, sse_events
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]

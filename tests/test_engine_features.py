@@ -249,7 +249,7 @@ def test_cache_salt_separates_prefix_caches(engine, prompt):
     other = run_all(engine, [request("e", long, greedy(2), cache_salt="tenant-2")])["e"][-1].usage
     assert same > 0 and salted.cached_prompt_tokens == 0 and again.cached_prompt_tokens == same
     assert other.cached_prompt_tokens == 0
-    # The engine caches under the hashes the router computes for that salt (kvstore.hashing, one function).
+    # The engine caches under the hashes the router computes for that salt (replicas.engine.hashing, one function).
     assert set(block_hashes(long, 4, extra_key(engine.model_id, "tenant-1"))) <= set(engine.block_manager.cached)
 
 
