@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import replicas.engine.sampler as sampler_mod
-from replicas.protocol import GenerationRequest, SamplingParams, StructuredOutput
+from replicas.engine.protocol import GenerationRequest, SamplingParams, StructuredOutput
 
 LONG_SCHEMA = {
     "type": "array", "minItems": 200,
@@ -83,7 +83,7 @@ def model_dir(args, work: Path) -> Path:
         return build_model_dir(ns, work)
     src = Path(args.tokenizer)
     if args.tokenizer == "smollm2":
-        from cluster.model_prep import prepare_embedded_model
+        from replicas.engine.model_prep import prepare_embedded_model
         src = Path(prepare_embedded_model())
     if args.model == "tiny" and not args.shape:  # its vocabulary is the tokenizer's
         from transformers import AutoTokenizer

@@ -22,7 +22,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from replicas.protocol import StructuredOutput
+from replicas.engine.protocol import StructuredOutput
 from router.errors import bad_request
 from router.structured import json_schema_output
 

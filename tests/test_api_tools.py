@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from replicas.protocol import GenerationChunk
+from replicas.engine.protocol import GenerationChunk
 from router.responses import ChatFormatter
 from router.tools import ToolMode, detect_format, may_start_call, parse
 from tests.fixtures.fake_replicas import sse_events

@@ -26,7 +26,7 @@ def test_json_schema_output_validates_with_smollm2(smollm2_dir):
 
     import jsonschema
 
-    from replicas.protocol import SamplingParams, StructuredOutput
+    from replicas.engine.protocol import SamplingParams, StructuredOutput
 
     schema = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population"],
               "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string",
