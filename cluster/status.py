@@ -48,8 +48,7 @@ def _use_ray_token_if_present() -> None:
     new local clusters and saves the token in ~/.ray), but `ray.init(address=...)` of another process does
     not turn token auth on by itself: without this, status could not attach to the launcher's node."""
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # a Ray without token auth
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
