@@ -26,7 +26,7 @@ from replicas.engine.weights import load_weights
 from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 from tests.paged_kernel_emulation import emulate_paged_attention
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 MAX_NEW = 8
 
 
@@ -255,6 +255,44 @@ def test_fp8_checkpoint_loads_as_published(tiny_model_dir, tmp_path, layout, mon
         if top.values[0] - top.values[1] > 0.5:
             assert chunk.token_ids[0] == int(top.indices[0]), f"prompt {i}"
     assert sum(diffs) / len(diffs) < 0.4, diffs  # a wrong scale or layout is off by nats
+
+
+def _dequantized_checkpoint(ckpt: Path, dst: Path) -> Path:
+    published = load_file(str(ckpt / "model.safetensors"))
+    deq = {}
+    for n, v in published.items():
+        if n.endswith(("weight_scale", "input_scale")):
+            continue
+        deq[n] = v
+        if v.dtype == qops.FP8:
+            s = published[n + "_scale"].float().reshape(-1)
+            deq[n] = qops.dequantize_rows(v, s.expand(v.shape[0]))
+    out = _copy_model(ckpt, dst, deq)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"]  # plain weights now
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fp8"])
+def test_fp8_checkpoint_with_fused_projections_loads_as_published(tmp_path, layout):
+    """Phi-3 stores qkv_proj and gate_up_proj fused: their weight_scale (per row, or one for the fused tensor)
+    splits into the parts' rows like the weight does."""
+    from load_tests.tiny_model import build_family_model
+    ckpt = _fp8_checkpoint(build_family_model(tmp_path / "phi3", "phi3"), tmp_path / "fp8", layout)
+    published = load_file(str(ckpt / "model.safetensors"))
+    assert "model.layers.0.self_attn.qkv_proj.weight_scale" in published
+    engine = make_engine(ckpt, fp8_scheme="weight_only")
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(qkv.weight.view(torch.uint8),
+                       published["model.layers.0.self_attn.qkv_proj.weight"].view(torch.uint8))
+    scale = published["model.layers.0.self_attn.qkv_proj.weight_scale"].float().reshape(-1)
+    assert torch.equal(qkv.weight_scale, scale.expand(qkv.weight.shape[0]))
+    prompts = random_prompts(4, 472, 2, 40, seed=7)
+    got = run_all(engine, [request(i, p, greedy(MAX_NEW)) for i, p in enumerate(prompts)])
+    hf = HFReference(_dequantized_checkpoint(ckpt, tmp_path / "deq"))
+    for i, p in enumerate(prompts):
+        assert tokens_of(got[str(i)]) == hf.generate(p, MAX_NEW), f"prompt {i}"
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -83,11 +83,15 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                         param.data.copy_(f.get_tensor(name))
                         loaded.add(f"{target}:{shard_id}")
                         continue
-                    if target.endswith(".weight_scale"):  # a scalar or one per row: small, read whole
-                        loader(param, f.get_tensor(name), shard_id)
-                        loaded.add(f"{target}:{shard_id}")
-                        continue
                     layout = _fused_layout(modules[target.rsplit(".", 1)[0]]) if shard_id is None else None
+                    if target.endswith(".weight_scale"):  # a scalar or one per row: small, read whole
+                        scale, offset = f.get_tensor(name), 0
+                        for sid, rows in layout or [(shard_id, None)]:  # stored fused: each part's rows
+                            part = scale if rows is None or scale.numel() == 1 else scale[offset:offset + rows]
+                            offset += rows or 0
+                            loader(param, part, sid)
+                            loaded.add(f"{target}:{sid}")
+                        continue
                     # Stored fused (Phi-3's qkv_proj, gate_up_proj): each part read as if it were its own tensor.
                     parts, offset = [], 0
                     for sid, rows in layout or [(shard_id, None)]:
