@@ -7,12 +7,12 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 from typing import Iterator, Mapping
 
 from cluster.config import ClusterConfig
+from cluster.ports import free_port
 
 log = logging.getLogger("llm_cluster")
 
@@ -86,18 +86,12 @@ def ingress_env(cfg: ClusterConfig, state_dir: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state_dir, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(cfg.router.host)),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(cfg.router.host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(cfg.router.host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(cfg.router.host)),
         # A stopping ingress replica keeps serving this long so HAProxy takes it out first; Serve's 30 s
         # default waits for external load balancers, and HAProxy here reloads within a second.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
-"""free_port: a loopback port nothing listens on, for the local processes the launcher, benchmarks and tests
-start (Redis, Serve's proxy, Ray's head ports)."""
+"""free_port: a port nothing listens on (loopback unless a host is given), for the local processes the launcher,
+benchmarks and tests start (Redis, HAProxy's metrics and stats, Serve's proxy, Ray's head ports)."""
 from __future__ import annotations
 
 import socket
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
