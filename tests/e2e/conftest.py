@@ -1,0 +1,117 @@
+"""The e2e tests' cluster: one real local Ray instance with Serve on a free loopback port for the session, and
+`serve_app`, the one factory that deploys the llm-cluster app for a config and deletes it afterwards.
+
+    @pytest.fixture(scope="module")
+    def served(serve_app, tiny_model_dir):
+        app = serve_app(serve_config(tiny_model_dir, {"replicas.num_replicas": 2}), name="my-test", replicas=2)
+        return app.base, app.handle                 # deleted when the module's tests are done
+
+    def test_x(serve_app, tiny_model_dir):
+        with serve_app(serve_config(tiny_model_dir), name="x") as app:   # deleted at the end of the block
+            ...
+
+Apps are served at route prefix "/", so one module's app must be gone before the next deploys: the factory
+is module-scoped, and a test that deploys an app of its own uses the `with` form."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from cluster.ports import free_port
+from tests.fixtures.wait import http_ok, wait_until
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance (logical CPUs > physical so several tiny replicas fit) with Serve started."""
+    import ray
+    from ray import serve
+
+    from cluster.launcher import init_ray
+
+    # address="local": always a fresh instance of our own, never one some other process left running.
+    init_ray(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="llmc-tests",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                       "OMP_NUM_THREADS": "1",
+                                       "LLM_CLUSTER_FAULT_INJECTION": "1"}})  # LLMReplica._inject_fault
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@dataclass
+class ServedApp:
+    """A deployed llm-cluster app: its HTTP base URL, name, config and a handle to its LLMReplica deployment.
+    As a context manager it deletes the app on exit."""
+    base: str
+    name: str
+    cfg: Any
+    handle: Any
+    _apps: "AppFactory" = field(repr=False)
+
+    def replica_stats(self) -> dict[str, dict]:
+        """stats() of every replica that answers, by replica id (as dicts)."""
+        from replicas.protocol import ReplicaStats
+
+        results = self.handle.broadcast("stats").results(timeout_s=10, return_exceptions=True)
+        return {s.replica_id: s.model_dump() for s in results if isinstance(s, ReplicaStats)}
+
+    def delete(self) -> None:
+        self._apps.delete(self.name)
+
+    def __enter__(self) -> "ServedApp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.delete()
+
+
+class AppFactory:
+    """serve_app(cfg, name=..., replicas=N) -> ServedApp, once /ready answers (and, with `replicas`, once that
+    many replicas answer stats()). Every app it deployed and nobody deleted goes at close()."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.names: list[str] = []
+
+    def __call__(self, cfg, name: str = "llm-cluster", replicas: int | None = None,
+                 wait_s: float = 180.0) -> ServedApp:
+        from ray import serve
+
+        from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
+
+        self.names.append(name)  # first: a serve.run cut short by a test timeout must still be deleted
+        serve.run(build_app_from_config(cfg), name=name, route_prefix="/", blocking=False)
+        wait_until(lambda: http_ok(self.base + "/ready"), wait_s, 0.5, f"app {name!r} ready")
+        app = ServedApp(self.base, name, cfg, serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name), self)
+        if replicas:
+            wait_until(lambda: len(app.replica_stats()) >= replicas, 120, 0.5, f"{replicas} replicas of {name!r} up")
+        return app
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        if name in self.names:
+            self.names.remove(name)
+            with contextlib.suppress(Exception):  # a test may have deleted it itself
+                serve.delete(name)
+
+    def close(self) -> None:
+        for name in list(reversed(self.names)):
+            self.delete(name)
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster):
+    apps = AppFactory(ray_cluster)
+    try:
+        yield apps
+    finally:
+        apps.close()
