@@ -30,8 +30,8 @@ for s in ${STEPS:-env tests build tp1 tp2 tp2_nccl compare}; do
   case $s in
     env) step env 60 bash -c 'nvidia-smi; nvidia-smi topo -m; env | grep -E "NCCL|SYMM|NVSHMEM";
            python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.device_count())"' ;;
-    tests) step tests 200 python3 -m pytest tests/test_gpu_engine.py -x -q -rs -p no:cacheprovider ;;
-    tptests) step tptests 200 python3 -m pytest tests/test_tp_gpu.py -x -v -rs -p no:cacheprovider ;;
+    tests) step tests 200 python3 -m pytest tests/gpu/test_gpu_engine.py -x -q -rs -p no:cacheprovider ;;
+    tptests) step tptests 200 python3 -m pytest tests/gpu/test_tp_gpu.py -x -v -rs -p no:cacheprovider ;;
     build) [ -f "$M/config.json" ] || step build 120 python3 -c \
              "from pathlib import Path; from load_tests.bench_gpu import build_model; build_model('llama3-8b', Path('$M'))" ;;
     # tp 1: decode, cached-prefix TTFT, and the teacher-forced reference (transformers fp32 after our engine).

@@ -11,11 +11,19 @@
             ...
 
 Apps are served at route prefix "/", so one module's app must be gone before the next deploys: the factory
-is module-scoped, and a test that deploys an app of its own uses the `with` form."""
+is module-scoped, and a test that deploys an app of its own uses the `with` form.
+
+`launch` runs `llm-cluster serve` as a user does, in a process of its own (it starts its own Ray, Redis and
+Serve, apart from the session's): `cli = launch("--model", DIR); cli.wait_serving()`."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +123,42 @@ def serve_app(ray_cluster):
         yield apps
     finally:
         apps.close()
+
+
+@dataclass
+class Launcher:
+    """A running `llm-cluster serve`: its process (leader of its own session), URL and log file."""
+    proc: subprocess.Popen
+    base: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, timeout: float = 240.0, interval: float = 0.5, *, said: bool = True,
+                     ready: bool = True) -> None:
+        """Until the launcher has said it is serving (`said`) and GET /ready answers 200 (`ready`); fails at
+        once if it exits."""
+        def serving() -> bool:
+            assert self.proc.poll() is None, "launcher exited early:\n" + self.log()[-3000:]
+            return (not said or "is serving" in self.log()) and (not ready or http_ok(self.base + "/ready"))
+        wait_until(serving, timeout, interval, lambda: "the launcher serving:\n" + self.log()[-3000:])
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(*args) -> Launcher: `llm-cluster serve ARGS --port <free port>` in its own session (as from a
+    terminal: Ctrl-C is SIGINT to its group), REDIS_URL unset (it starts its embedded Redis), its output in
+    tmp_path/serve.log. Stopping it is the test's business: how it ends is often what the test checks."""
+    exe = shutil.which("llm-cluster") or os.path.join(os.path.dirname(sys.executable), "llm-cluster")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("REDIS_URL", None)
+
+    def start(*args: str) -> Launcher:
+        port = free_port()
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([exe, "serve", *args, "--port", str(port)], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return Launcher(proc, f"http://127.0.0.1:{port}", log_path)
+    return start

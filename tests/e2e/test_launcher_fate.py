@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import time
 import psutil
 import pytest
 
-from cluster.ports import free_port
-from tests.fixtures.wait import http_ok, wait_until
+from tests.fixtures.wait import wait_until
 
 START_TIMEOUT_S = 240.0
 GONE_WITHIN_S = 15.0
@@ -45,26 +43,16 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_sigkilled_launcher_leaves_no_process_behind(tiny_model_dir, tmp_path):
-    exe = shutil.which("llm-cluster") or os.path.join(os.path.dirname(sys.executable), "llm-cluster")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    env.pop("REDIS_URL", None)
-    with open(log_path, "w") as log:
-        # Its own session, as from a terminal; its children are found by walking its process tree.
-        proc = subprocess.Popen([exe, "serve", "--model", str(tiny_model_dir), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def test_sigkilled_launcher_leaves_no_process_behind(launch, tiny_model_dir):
+    # Its own session, as from a terminal; its children are found by walking its process tree.
+    cli = launch("--model", str(tiny_model_dir))
+    proc = cli.proc
     started: list[psutil.Process] = []
     try:
-        def serving() -> bool:  # serving, and its replica up: every kind of process it starts is running
-            assert proc.poll() is None, "launcher exited early:\n" + log_path.read_text()[-3000:]
-            return "is serving" in log_path.read_text() and http_ok(base + "/ready")
-        wait_until(serving, START_TIMEOUT_S, 0.5, lambda: "the cluster ready:\n" + log_path.read_text()[-3000:])
+        cli.wait_serving(START_TIMEOUT_S)  # serving, and its replica up: every kind of process it starts is running
         started = psutil.Process(proc.pid).children(recursive=True)
         names = {p.name() for p in started}
-        redis_port = int(re.search(r"embedded Redis on redis://127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+        redis_port = int(re.search(r"embedded Redis on redis://127\.0\.0\.1:(\d+)", cli.log()).group(1))
         # The detached redis-server is still the launcher's child; the replica runs as a Ray worker.
         assert "redis-server" in names, names
         assert "raylet" in names and "gcs_server" in names, names

@@ -1,7 +1,7 @@
 """Replicas spread over Ray nodes, and losing a node under load.
 
 The scenario needs a Ray cluster of its own (several raylets), which cannot share a process with the
-session `ray_cluster` fixture: it runs in a subprocess (tests/multinode_scenario.py)."""
+session `ray_cluster` fixture: it runs in a subprocess (tests/e2e/multinode_scenario.py)."""
 from __future__ import annotations
 
 import json

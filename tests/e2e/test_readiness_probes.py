@@ -4,17 +4,14 @@ Kubernetes readiness probe polls (1 s timeouts, from before anything answers) an
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from cluster.ports import free_port
 from tests.fixtures.wait import wait_until
 
 UP_WITHIN_S = 30.0  # after the launcher says it is serving (its replica is up)
@@ -36,27 +33,17 @@ def _probe(url: str, stop: threading.Event, out: list) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_probes_from_second_zero_get_200_once_the_replica_is_up(tiny_model_dir, tmp_path):
-    exe = shutil.which("llm-cluster") or os.path.join(os.path.dirname(sys.executable), "llm-cluster")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    env.pop("REDIS_URL", None)
+def test_probes_from_second_zero_get_200_once_the_replica_is_up(launch, tiny_model_dir):
     stop = threading.Event()
     results = {"/v1/models": [], "/ready": []}
-    probes = [threading.Thread(target=_probe, args=(base + path, stop, out), daemon=True)
+    cli = launch("--model", str(tiny_model_dir))
+    proc = cli.proc
+    probes = [threading.Thread(target=_probe, args=(cli.base + path, stop, out), daemon=True)
               for path, out in results.items()]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([exe, "serve", "--model", str(tiny_model_dir), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         for p in probes:
             p.start()
-        def serving() -> bool:
-            assert proc.poll() is None, "launcher exited early:\n" + log_path.read_text()[-3000:]
-            return "is serving" in log_path.read_text()
-        wait_until(serving, START_TIMEOUT_S, 0.2, "the launcher to say it is serving")
+        cli.wait_serving(START_TIMEOUT_S, 0.2, ready=False)  # the launcher says it is serving
         up = time.monotonic()
 
         def first_ok(out: list) -> float | None:
