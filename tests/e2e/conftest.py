@@ -83,7 +83,9 @@ class ServedApp:
 
 class AppFactory:
     """serve_app(cfg, name=..., replicas=N) -> ServedApp, once /ready answers (and, with `replicas`, once that
-    many replicas answer stats()). Every app it deployed and nobody deleted goes at close()."""
+    many replicas answer stats()). serve_app.run(application, name, route_prefix, ready) deploys any Serve
+    application with an LLMReplica deployment (a fake one) and waits for ready(). Every app it deployed and
+    nobody deleted goes at close()."""
 
     def __init__(self, base: str):
         self.base = base
@@ -91,17 +93,24 @@ class AppFactory:
 
     def __call__(self, cfg, name: str = "llm-cluster", replicas: int | None = None,
                  wait_s: float = 180.0) -> ServedApp:
-        from ray import serve
+        from cluster.app import build_app_from_config
 
-        from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
-
-        self.names.append(name)  # first: a serve.run cut short by a test timeout must still be deleted
-        serve.run(build_app_from_config(cfg), name=name, route_prefix="/", blocking=False)
-        wait_until(lambda: http_ok(self.base + "/ready"), wait_s, 0.5, f"app {name!r} ready")
-        app = ServedApp(self.base, name, cfg, serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name), self)
+        app = self.run(build_app_from_config(cfg), name, ready=lambda: http_ok(self.base + "/ready"), wait_s=wait_s,
+                       cfg=cfg)
         if replicas:
             wait_until(lambda: len(app.replica_stats()) >= replicas, 120, 0.5, f"{replicas} replicas of {name!r} up")
         return app
+
+    def run(self, application, name: str, route_prefix: str = "/", *, ready, wait_s: float = 180.0,
+            interval: float = 0.5, cfg=None) -> ServedApp:
+        from ray import serve
+
+        from cluster.app import REPLICA_DEPLOYMENT
+
+        self.names.append(name)  # first: a serve.run cut short by a test timeout must still be deleted
+        serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
+        wait_until(ready, wait_s, interval, f"app {name!r} ready")
+        return ServedApp(self.base, name, cfg, serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name), self)
 
     def delete(self, name: str) -> None:
         from ray import serve

@@ -17,7 +17,6 @@ from cluster.status import collect_status, render_table
 from replicas.protocol import ReplicaInfo, ReplicaStats
 from tests.cluster.test_status import _stats
 from tests.fixtures.configs import serve_config
-from tests.fixtures.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,29 +68,28 @@ class Ingress:
             update={"replica_id": serve.get_replica_context().replica_id.unique_id})
 
 
-def _run_fake_app(name, redis_url, fail=False, **replica_opts):
+def _fake_application(redis_url, fail=False, **replica_opts):
     from ray import serve
     replica = serve.deployment(FakeLLMReplica).options(name="LLMReplica", ray_actor_options={"num_cpus": 0},
                                                         **replica_opts)
     ingress = serve.deployment(Ingress).options(name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
-    serve.run(ingress.bind(replica.bind(redis_url, fail)), name=name, route_prefix=f"/{name}", blocking=False)
-    wait_until(lambda: serve.status().applications[name].status == "RUNNING", 60, 0.2,
-               lambda: f"{name} RUNNING: {serve.status().applications[name]}")
+    return ingress.bind(replica.bind(redis_url, fail))
 
 
 @pytest.fixture
-def fake_app(ray_cluster, redis_url, monkeypatch):
+def fake_app(serve_app, redis_url, monkeypatch):
+    """fake_app(name, fail=..., **replica options) -> name: the fake app served at /name until the test ends."""
     from ray import serve
     monkeypatch.delenv("REDIS_URL", raising=False)
-    names = []
+    apps = []
 
     def run(name, **kw):
-        names.append(name)
-        _run_fake_app(name, redis_url, **kw)
+        apps.append(serve_app.run(_fake_application(redis_url, **kw), name, f"/{name}", wait_s=60, interval=0.2,
+                                  ready=lambda: serve.status().applications[name].status == "RUNNING"))
         return name
     yield run
-    for name in names:
-        serve.delete(name)
+    for app in apps:
+        app.delete()
 
 
 @pytest.mark.ray
