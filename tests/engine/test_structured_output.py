@@ -12,7 +12,7 @@ import torch
 
 from replicas.engine.protocol import EngineError, SamplingParams, StructuredOutput
 from replicas.engine.sampler import Sampler, SamplingBatch, apply_token_bitmask
-from tests.engine_utils import make_engine, random_prompts, request, run_all, text_of, tokens_of
+from tests.fixtures.engine import make_engine, random_prompts, request, run_all, text_of, tokens_of
 
 SCHEMA = {
     "type": "object",

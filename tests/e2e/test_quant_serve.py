@@ -3,17 +3,13 @@ first token's logprob equals the in-process int8 engine's and differs from the u
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all
-from tests.fixtures.ray_cluster import free_port
+from tests.fixtures.engine import greedy, make_engine, random_prompts, request, run_all
 
 START_TIMEOUT_S = 240.0
 
@@ -26,7 +22,7 @@ def _first_logprob(engine, prompt: list[int]) -> tuple[int, float]:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_serve_int8_answers_over_rest(tiny_model_dir, tmp_path):
+def test_serve_int8_answers_over_rest(launch, tiny_model_dir):
     int8, none = make_engine(tiny_model_dir, quantization="int8"), make_engine(tiny_model_dir)
     # A prompt whose first-token logprob int8 visibly moves.
     for prompt in random_prompts(8, 472, 8, 24, seed=51):
@@ -37,27 +33,10 @@ def test_serve_int8_answers_over_rest(tiny_model_dir, tmp_path):
         pytest.fail("int8 moved no first-token logprob on the tiny model")
     del int8, none
 
-    exe = shutil.which("llm-cluster") or os.path.join(os.path.dirname(sys.executable), "llm-cluster")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    env.pop("REDIS_URL", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([exe, "serve", "--model", str(tiny_model_dir), "--port", str(port),
-                                 "--set", "engine.quantization=int8"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    cli = launch("--model", str(tiny_model_dir), "--set", "engine.quantization=int8")
+    proc, base = cli.proc, cli.base
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, "launcher exited early:\n" + log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "cluster not ready:\n" + log_path.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        cli.wait_serving(START_TIMEOUT_S, said=False)
         model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
         r = httpx.post(base + "/v1/completions", timeout=60,
                        json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0})

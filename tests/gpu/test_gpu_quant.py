@@ -9,7 +9,7 @@ import torch
 from replicas.engine.attention import AttentionMetadata, paged_attention
 from replicas.engine.paged_metadata import build_step_tensors
 from replicas.engine.quant import ops as qops
-from tests.engine_utils import greedy, make_engine, random_prompts, request, run_all, tokens_of
+from tests.fixtures.engine import greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 
@@ -84,7 +84,7 @@ def test_fp8_store_kv_kernel_writes_the_cpu_bytes():
 def test_triton_attention_on_an_fp8_pool_matches_the_cpu_path(heads, kv_heads, head_dim, num_decodes, prefills,
                                                                splits):
     from replicas.engine.kernels.paged_attention import paged_attention as triton_attention
-    from tests.test_gpu_engine import _random_step
+    from tests.gpu.test_gpu_engine import _random_step
     g = torch.Generator().manual_seed(heads + num_decodes)
     tables, starts, lengths, num_blocks = _random_step(g, num_decodes, prefills, 16, 1500)
     t = sum(lengths)

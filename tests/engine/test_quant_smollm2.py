@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_utils import greedy, make_engine, request, run_all
+from tests.fixtures.engine import greedy, make_engine, request, run_all
 
 pytestmark = pytest.mark.slow
 

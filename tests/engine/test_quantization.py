@@ -23,8 +23,8 @@ from replicas.engine.paged_metadata import build_step_tensors
 from replicas.engine.quant import QuantScheme, resolve
 from replicas.engine.quant import ops as qops
 from replicas.engine.weights import load_weights
-from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
-from tests.paged_kernel_emulation import emulate_paged_attention
+from tests.engine.paged_kernel_emulation import emulate_paged_attention
+from tests.fixtures.engine import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 MAX_NEW = 8
