@@ -10,11 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from cluster.app import build_app_from_config
-from cluster.config import load_config
 from load_tests.tiny_model import build_family_model
-from tests.engine_utils import HFReference, random_prompts
-from tests.fixtures.ray_cluster import _wait_ready
+from tests.fixtures.configs import cluster_config
+from tests.fixtures.engine import HFReference, random_prompts
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -23,22 +21,14 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def served(request, ray_cluster, tmp_path_factory):
-    from ray import serve
-
+def served(request, serve_app, tmp_path_factory):
     family = request.param
     model_dir = build_family_model(tmp_path_factory.mktemp(family), family)
-    cfg = load_config(env={}, overrides={
-        "engine.model": str(model_dir), "engine.model_id": family, "engine.device": "cpu",
-        "engine.num_kv_blocks": 64, "engine.max_num_batched_tokens": 16, "engine.max_model_len": 256,
-        "replicas.num_replicas": 1, "replicas.num_cpus": 0.5})
-    app = f"family-{family}"
-    serve.run(build_app_from_config(cfg), name=app, route_prefix="/", blocking=False)
-    try:
-        _wait_ready(ray_cluster, 240)
-        yield family, model_dir, ray_cluster
-    finally:
-        serve.delete(app)
+    cfg = cluster_config(model_dir, {
+        "engine.model_id": family, "engine.num_kv_blocks": 64, "engine.max_num_batched_tokens": 16,
+        "engine.max_model_len": 256, "replicas.num_replicas": 1, "replicas.num_cpus": 0.5})
+    with serve_app(cfg, name=f"family-{family}", wait_s=240) as app:  # one family's app at a time
+        yield family, model_dir, app.base
 
 
 def test_completions_equal_transformers(served):

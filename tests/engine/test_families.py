@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from load_tests.tiny_model import build_family_model, family_configs
-from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
+from tests.fixtures.engine import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 MAX_NEW = 8
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from replicas.engine.models import moe
-from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
+from tests.fixtures.engine import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 
 @pytest.mark.parametrize("tokens,experts,top_k", [(1, 4, 2), (37, 8, 3), (5, 16, 4)])

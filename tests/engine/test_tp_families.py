@@ -9,7 +9,7 @@ import pytest
 from load_tests.tiny_model import build_family_model
 from replicas.engine.model_runner import StepInputs
 from replicas.engine.parallel import pack_step, unpack_step
-from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
+from tests.fixtures.engine import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 pytestmark = pytest.mark.timeout(300)
 

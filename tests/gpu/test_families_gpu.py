@@ -9,7 +9,7 @@ import torch
 
 from replicas.engine.attention import AttentionMetadata, paged_attention
 from replicas.engine.paged_metadata import build_step_tensors
-from tests.engine_utils import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
+from tests.fixtures.engine import HFReference, greedy, make_engine, random_prompts, request, run_all, tokens_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 
