@@ -10,9 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from cluster.app import REPLICA_DEPLOYMENT, build_app_from_config
-from cluster.config import load_config
-from tests.fixtures.ray_cluster import _wait_ready
+from tests.fixtures.configs import serve_config
 
 pytestmark = [pytest.mark.ray]
 
@@ -35,19 +33,11 @@ MSGS = [{"role": "user", "content": "Describe a person as JSON."}]
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_model_dir):
-    from ray import serve
-
-    cfg = load_config(env={}, overrides={
-        "engine.model": str(tiny_model_dir), "engine.model_id": "tiny", "engine.device": "cpu",
-        "engine.num_kv_blocks": 256, "engine.max_model_len": 1024, "replicas.num_replicas": 2,
-        "replicas.num_cpus": 0.5, "router.policy": "pow2", "router.max_attempts": 3})
-    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/", blocking=False)
-    try:
-        _wait_ready(ray_cluster, 180)
-        yield ray_cluster, serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP)
-    finally:
-        serve.delete(APP)
+def served(serve_app, tiny_model_dir):
+    app = serve_app(serve_config(tiny_model_dir, {
+        "engine.model_id": "tiny", "engine.num_kv_blocks": 256, "engine.max_model_len": 1024,
+        "replicas.num_replicas": 2, "router.max_attempts": 3}), name=APP)
+    return app.base, app.handle
 
 
 @pytest.fixture
