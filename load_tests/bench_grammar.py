@@ -4,7 +4,9 @@ For each batch size, B sequences decode (after their prefill) once without and o
 (an array of >= 200 small objects, so no sequence can finish inside the timed steps and the grammar walks
 through numbers, strings, booleans, keys and separators). Reported per step: engine step time plain vs
 constrained, the time spent filling the batch's token bitmask (xgrammar, CPU) and applying it to the logits
-(sampler), their share of the constrained step, and the decode throughput lost.
+(sampler), their share of the constrained step, and the decode throughput lost. On CUDA the fill runs while
+the GPU computes the forward pass, so throughput_loss (not the fill's share) is what it costs; the timers
+synchronize the device around the apply, which the engine itself never does.
 
 With --libs, also compares the grammar libraries on the tokenizer: schema compile time and per-step bitmask
 fill time at each batch size for xgrammar and llguidance (if installed).

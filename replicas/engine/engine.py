@@ -327,6 +327,8 @@ class LLMEngine:
                     if seqs:
                         rows = [(s.params, s.prompt_token_ids, s.output_token_ids, s.index) for s in seqs]
                         allowed = None
+                        # Filled on the CPU while a GPU still runs the forward just launched (nothing has
+                        # synchronized yet): the fill hides behind the step.
                         if any(s.grammar is not None for s in seqs):
                             allowed = self.grammars.bitmask([s.grammar for s in seqs])
                         out = self.sampler(logits, SamplingBatch.build(rows, logits.device, allowed))
