@@ -1,6 +1,6 @@
 """Issue 18 end to end on a local Ray Serve cluster (two tiny-model replicas) through the official `openai` client:
 json_schema output validates at temperature 0.7 (streamed and not), tool calling (named, required, auto, a
-tool-result round trip), unknown and unsupported fields."""
+tool-result round trip), unknown and unsupported fields, the cheap fields' effects and the extra endpoints."""
 from __future__ import annotations
 
 import json
@@ -115,3 +115,46 @@ def test_unknown_and_unsupported_fields_are_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", best_of=3)
     assert e.value.body["param"] == "best_of" and "not supported" in e.value.body["message"]
+
+
+def test_cheap_fields_take_effect(client, served):
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    base = client.completions.create(**kw)
+    target = _token(client, " Paris")
+    target_text = httpx.post(served[0] + "/detokenize", json={"tokens": [int(target)]}).json()["prompt"]
+    biased = client.completions.create(logit_bias={target: 100}, **kw)
+    assert biased.choices[0].text == target_text * 6 and target_text not in base.choices[0].text
+    cut = client.completions.create(logit_bias={target: 100},
+                                    **{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": [int(target)]}})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == "" and cut.usage.completion_tokens == 1
+    echo = client.completions.create(echo=True, **kw)
+    assert echo.choices[0].text == "The quick brown fox" + base.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=MSGS, max_completion_tokens=3, temperature=0,
+                                          user="alice", extra_body={"priority": -1, "ignore_eos": True})
+    assert chat.usage.completion_tokens == 3
+    events = [c for c in client.chat.completions.create(
+        model="tiny", messages=MSGS, max_tokens=5, temperature=0, stream=True, logprobs=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True}) if c.choices and not c.choices[0].delta.role]
+    sent = 0
+    for c in events:  # each event: the usage so far (events may carry several tokens)
+        sent += len(c.choices[0].logprobs.content)
+        assert c.usage.completion_tokens == sent and c.usage.prompt_tokens > 0
+    assert sent == 5
+    # cache_salt: a tenant's prefix is cached for that tenant only.
+    long = "Ray Serve routes requests to replicas; a paged KV cache stores keys and values in blocks. " * 3
+    salted = dict(model="tiny", prompt=long, max_tokens=1, temperature=0)
+    first = client.completions.create(extra_body={"cache_salt": "tenant-a"}, **salted)
+    again = client.completions.create(extra_body={"cache_salt": "tenant-a"}, **salted)
+    other = client.completions.create(extra_body={"cache_salt": "tenant-b"}, **salted)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    base_url = served[0]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    ids = httpx.post(base_url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+    assert httpx.post(base_url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "hello world"
+    assert httpx.get(base_url + "/version").json()["version"]
