@@ -58,11 +58,13 @@ class RouterSettings(RoutingKnobs):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_router_replicas: int = Field(1, ge=1)
-    http_proxy: Literal["haproxy", "serve"] = Field(
-        "haproxy", description="What answers on host:port in front of the ingress replicas. `haproxy`: Ray "
-        "Serve's HAProxy ingress (HAProxy on host:port, each ingress replica serving HTTP itself), one Python "
-        "process and one Ray streaming hop fewer per request than `serve`, Ray Serve's Python proxy actor. "
-        "Applies where `llm-cluster serve` starts the Ray node; a cluster it joins keeps its own setting.")
+    http_proxy: Literal["serve", "haproxy"] = Field(
+        "serve", description="What answers on host:port in front of the ingress replicas. `serve`: Ray Serve's "
+        "Python proxy actor. `haproxy`: Ray Serve's HAProxy ingress (HAProxy on host:port, each ingress replica "
+        "serving HTTP itself): one process and one Ray streaming hop fewer, so less latency per request, but "
+        "each ingress replica then does the HTTP work too: give it more `num_router_replicas` under many "
+        "streams (docs/benchmarks.md). Applies where `llm-cluster serve` starts the Ray node; a cluster it "
+        "joins keeps its own setting.")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_queued_requests: int = Field(1024, ge=1, description="Admission: waiting requests across replicas before 429.")

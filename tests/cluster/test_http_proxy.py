@@ -1,6 +1,6 @@
-"""`router.http_proxy`: what answers on host:port. `haproxy` (the default) runs Ray Serve's HAProxy ingress,
-each ingress replica serving HTTP itself; `serve` keeps Serve's Python proxy actor. A launcher serving through
-HAProxy: tests/e2e/test_launcher.py (check_haproxy_ingress)."""
+"""`router.http_proxy`: what answers on host:port. `serve` (the default) is Ray Serve's Python proxy actor;
+`haproxy` runs Ray Serve's HAProxy ingress, each ingress replica serving HTTP itself. A launcher serving
+through HAProxy: tests/e2e/test_launcher_fate.py."""
 from __future__ import annotations
 
 import pytest
@@ -9,13 +9,14 @@ from cluster.config import load_config
 from cluster.launcher import ingress_env
 
 
-def test_serve_proxy_needs_no_environment(tmp_path):
-    assert ingress_env(load_config(overrides={"router.http_proxy": "serve"}), str(tmp_path)) == {}
+def test_serve_proxy_is_the_default_and_needs_no_environment(tmp_path):
+    cfg = load_config()
+    assert cfg.router.http_proxy == "serve"
+    assert ingress_env(cfg, str(tmp_path)) == {}
 
 
 def test_haproxy_environment_is_private_to_one_cluster(tmp_path):
-    cfg = load_config()
-    assert cfg.router.http_proxy == "haproxy"
+    cfg = load_config(overrides={"router.http_proxy": "haproxy"})
     a, b = ingress_env(cfg, str(tmp_path / "a")), ingress_env(cfg, str(tmp_path / "b"))
     assert a["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == a["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     # Two clusters on one host must not share HAProxy's config, admin socket or state files.

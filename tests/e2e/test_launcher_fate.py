@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from tests.e2e.test_launcher import check_ingress
 from tests.fixtures.wait import wait_until
 
 START_TIMEOUT_S = 240.0
@@ -45,7 +46,8 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
 @pytest.mark.timeout(420)
 def test_sigkilled_launcher_leaves_no_process_behind(launch, tiny_model_dir):
     # Its own session, as from a terminal; its children are found by walking its process tree.
-    cli = launch("--model", str(tiny_model_dir))
+    # With HAProxy in front (router.http_proxy), so its process is among those that must end too.
+    cli = launch("--model", str(tiny_model_dir), "--set", "router.http_proxy=haproxy")
     proc = cli.proc
     started: list[psutil.Process] = []
     try:
@@ -57,7 +59,9 @@ def test_sigkilled_launcher_leaves_no_process_behind(launch, tiny_model_dir):
         assert "redis-server" in names, names
         assert "raylet" in names and "gcs_server" in names, names
         assert any("LLMReplica" in n or "ServeReplica" in n for n in names), names
-        assert "haproxy" in names, names  # router.http_proxy's default: HAProxy in front of the ingress
+        assert "haproxy" in names, names
+        assert "HAProxy started successfully" in cli.log()
+        check_ingress(cli.base, proc.pid)  # what HAProxy in front of the ingress must keep
 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
