@@ -59,6 +59,7 @@ def running_cluster(cfg: ClusterConfig, *, num_cpus: int | None = None, ray_addr
             # Ray's processes read these at import: they must be in the environment the local node inherits.
             state_dir = tempfile.mkdtemp(prefix="llmc-ingress-")
             stack.callback(shutil.rmtree, state_dir, True)
+            reaper.own(state_dir)  # HAProxy's logs are there; it runs outside the launcher's process group
             stack.enter_context(_environ(ingress_env(cfg, state_dir)))
         if started_ray:
             ctx = init_ray(

@@ -39,6 +39,12 @@ class Reaper:
         """On the launcher's death, kill its process group's processes that hold a file under `directory`."""
         self._send(f"watch {os.path.abspath(directory)}\n")
 
+    def own(self, directory: str) -> None:
+        """On the launcher's death, kill every process that holds a file under `directory`, a directory private
+        to this launcher, whatever its process group: HAProxy (router.http_proxy) runs in a session of its own,
+        and its logs are under the launcher's HAProxy directory."""
+        self._send(f"own {os.path.abspath(directory)}\n")
+
     def _send(self, line: str) -> None:
         with contextlib.suppress(OSError):  # a dead reaper: nothing left to tell
             os.write(self._fd, line.encode())
@@ -68,18 +74,23 @@ def reaping_on_death() -> Iterator[Reaper]:
             proc.wait(timeout=5)
 
 
-def _holders(pgid: int, dirs: list[str], me: int) -> list[int]:
+def _holders(pgid: int, dirs: list[str], me: int, owned: list[str] = ()) -> list[int]:
+    """Processes of process group `pgid` holding a file under one of `dirs`, and any process holding one under
+    one of `owned`."""
     prefixes = tuple(d.rstrip("/") + "/" for d in dirs)
+    owned_prefixes = tuple(d.rstrip("/") + "/" for d in owned)
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         pid = int(name)
         try:
-            if os.getpgid(pid) != pgid:
+            wanted = prefixes if os.getpgid(pid) == pgid else ()
+            wanted += owned_prefixes
+            if not wanted:
                 continue
             fd_dir = f"/proc/{pid}/fd"
-            if any(os.readlink(f"{fd_dir}/{fd}").startswith(prefixes) for fd in os.listdir(fd_dir)):
+            if any(os.readlink(f"{fd_dir}/{fd}").startswith(wanted) for fd in os.listdir(fd_dir)):
                 pids.append(pid)
         except OSError:  # gone meanwhile, or not ours to read (and so not ours to kill)
             continue
@@ -89,17 +100,18 @@ def _holders(pgid: int, dirs: list[str], me: int) -> list[int]:
 def reap(pgid: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     dirs: list[str] = []
+    owned: list[str] = []
     for line in sys.stdin:
         command, _, arg = line.rstrip("\n").partition(" ")
         if command == "done":
             return 0
-        if command == "watch" and arg:
-            dirs.append(arg)
-    if not dirs:
+        if command in ("watch", "own") and arg:
+            (dirs if command == "watch" else owned).append(arg)
+    if not dirs and not owned:
         return 0
     # Several sweeps: a process may fork between our reading /proc and its death.
     for _ in range(20):
-        pids = _holders(pgid, dirs, os.getpid())
+        pids = _holders(pgid, dirs, os.getpid(), owned)
         if not pids:
             break
         for pid in pids:
