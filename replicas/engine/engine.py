@@ -132,6 +132,11 @@ class LLMEngine:
                     self.step()
                     if self.failures:
                         rid, exc = self.failures[0]
+                        if rid == "warmup-structured":  # optional: the engine serves without it
+                            log.warning("engine warm-up: structured output failed (%r); the first structured "
+                                        "request will load the grammar tables", exc)
+                            self.failures.clear()
+                            continue
                         raise RuntimeError(f"engine warm-up request {rid} failed: {exc!r}") from exc
                 else:
                     raise RuntimeError("engine warm-up did not finish")
@@ -186,9 +191,7 @@ class LLMEngine:
         # stages (seeded, so the engine's generator is not drawn from) and logprobs ride along.
         samplings = [{}, {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1},
                      {"temperature": 1.0, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5,
-                      "frequency_penalty": 0.1, "seed": 2}, {"logprobs": 2},
-                     # The grammar library loads its tokenizer tables here, not in the first structured request.
-                     {"structured": StructuredOutput(kind="json_object")}]
+                      "frequency_penalty": 0.1, "seed": 2}, {"logprobs": 2}]
         batch, blocks = [], 0
         for i in range(min(cfg.max_num_seqs, 64 if gpu else len(samplings))):
             prompt, out = tokens(bs + 1, 2 + i), i + 1
@@ -198,7 +201,12 @@ class LLMEngine:
             batch.append(req(f"decode-{i}", prompt, out, **samplings[i % len(samplings)]))
         if batch:
             phases.append(batch)
-        return phases if gpu else [[r for phase in phases for r in phase]]
+        phases = phases if gpu else [[r for phase in phases for r in phase]]
+        # Last and alone: the grammar library loads its tokenizer tables here, not in the first structured
+        # request; a tokenizer it cannot constrain fails this row only (see warm_up).
+        if len(prompt := tokens(bs + 1, 1)) + 2 <= cap:
+            phases.append([req("structured", prompt, 2, structured=StructuredOutput(kind="json_object"))])
+        return phases
 
     def _fresh_state(self) -> None:
         """An empty pool and prefix cache, no queued work, zero counters, the sampler's generator at its seed."""
