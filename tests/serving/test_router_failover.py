@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.fixtures.asgi import asgi_stream
 from tests.fixtures.fake_replicas import FakeReplica, ReplicaDied, expected_text, metric_value, sse_events, token_at
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
@@ -134,42 +135,13 @@ async def test_replica_dying_after_last_token_is_not_an_error(make_api):
     assert r.status_code == 200 and b.requests == []
 
 
-async def _asgi_stream(app, body: dict, disconnect: asyncio.Event, events_seen: list, spec: str):
-    """Drive the ASGI app directly; the client goes away when `disconnect` is set: ASGI spec < 2.4 tells the
-    app through receive() (http.disconnect), spec >= 2.4 through send() raising OSError."""
-    payload = json.dumps(body).encode()
-    sent = [False]
-
-    async def receive():
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        await disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if spec >= "2.4" and disconnect.is_set():
-            raise OSError("connection reset by peer")
-        if message["type"] == "http.response.body" and message.get("body"):
-            events_seen.append(message["body"])
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("router", 80)}
-    try:
-        await app(scope, receive, send)
-    except Exception as e:  # spec 2.4: Starlette raises ClientDisconnect out of the app, as servers expect
-        assert type(e).__name__ == "ClientDisconnect", e
-
-
 @pytest.mark.parametrize("spec", ["2.3", "2.4"])
 async def test_client_disconnect_cancels_replica_call(make_api, spec):
     slow = FakeReplica("slow", delay_s=0.02)
     api, handle, client = make_api([slow], handle_kw={"max_model_len": 4096})
     await client.get("/ready")  # load the tokenizer first
     disconnect, seen = asyncio.Event(), []
-    task = asyncio.create_task(_asgi_stream(api.app, {"prompt": PROMPT, "max_tokens": 500, "stream": True},
+    task = asyncio.create_task(asgi_stream(api.app, {"prompt": PROMPT, "max_tokens": 500, "stream": True},
                                             disconnect, seen, spec))
     for _ in range(300):
         if len(seen) >= 3:

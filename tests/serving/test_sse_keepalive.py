@@ -13,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
+from tests.fixtures.asgi import asgi_stream
 from tests.fixtures.fake_replicas import FORBIDDEN, FakeReplica, ReplicaDied, expected_text, metric_value, sse_events
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
@@ -120,42 +121,13 @@ async def test_error_after_keepalives_ends_the_stream_with_the_error_event(make_
     assert metric_value(m, 'llmc_requests_total{model="tiny",status="unavailable"}') == 1
 
 
-async def _asgi_stream(app, body: dict, disconnect: asyncio.Event, seen: list[bytes], spec: str) -> None:
-    """Drive the ASGI app directly; the client goes away when `disconnect` is set: ASGI spec < 2.4 tells the
-    app through receive() (http.disconnect), spec >= 2.4 only through send() raising OSError."""
-    payload = json.dumps(body).encode()
-    sent = [False]
-
-    async def receive():
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        await disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if spec >= "2.4" and disconnect.is_set():
-            raise OSError("connection reset by peer")
-        if message["type"] == "http.response.body" and message.get("body"):
-            seen.append(message["body"])
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("router", 80)}
-    try:
-        await app(scope, receive, send)
-    except Exception as e:  # spec 2.4: Starlette raises ClientDisconnect out of the app, as servers expect
-        assert type(e).__name__ == "ClientDisconnect", e
-
-
 @pytest.mark.parametrize("spec", ["2.3", "2.4"])
 async def test_client_disconnect_during_keepalives_cancels_replica_call(make_api, spec):
     queued = FakeReplica("queued", first_delay_s=5.0)
     api, handle, client = make_api([queued], sse_keepalive_s=0.05)
     await client.get("/ready")
     disconnect, seen = asyncio.Event(), []
-    task = asyncio.create_task(_asgi_stream(api.app, {"prompt": PROMPT, "max_tokens": 3, "stream": True},
+    task = asyncio.create_task(asgi_stream(api.app, {"prompt": PROMPT, "max_tokens": 3, "stream": True},
                                             disconnect, seen, spec))
     for _ in range(200):
         if len(seen) >= 2:
